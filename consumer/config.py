@@ -1,0 +1,390 @@
+"""Configuration: one settings root, read from a YAML file and ``AUTO_TRACE_*`` overrides.
+
+Environment variables win over the file so that a Kubernetes Deployment can override one value
+(``AUTO_TRACE_KAFKA__BOOTSTRAP_SERVERS``) without templating the whole file. Everything is
+validated at start-up: a bad value raises :class:`ConfigError` naming the field's path, and the
+CLI turns that into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from consumer.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept ``500ms``, ``5s``, ``30m``, ``1h``, ``1d`` or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s, 30m or 1h")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    raise ValueError("expected a duration such as 500ms, 5s, 30m or 1h")
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact spelling of a duration, used in topic names and help output."""
+    ms = round(value.total_seconds() * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class _Section(BaseModel):
+    # A typo in a key must fail at start-up, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecretRef(_Section):
+    """Where a secret comes from: an environment variable or a file (a mounted Secret)."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
+        return self
+
+    def resolve(self) -> SecretStr:
+        """Read the secret now; the error names the source, never the value."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError(f"environment variable {self.env} is not set or empty")
+            return SecretStr(value)
+        assert self.file is not None
+        try:
+            text = self.file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {self.file}: {exc.strerror}") from exc
+        if not text:
+            raise ConfigError(f"secret file {self.file} is empty")
+        return SecretStr(text)
+
+
+class KafkaSettings(_Section):
+    #: Comma-separated host:port list.
+    bootstrap_servers: str = "localhost:9092"
+    #: Passed verbatim to librdkafka (security.protocol, sasl.*, ssl.*, ...).
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: librdkafka properties read from files (e.g. sasl.password from a mounted Secret).
+    client_secrets: dict[str, SecretRef] = Field(default_factory=dict)
+
+    def librdkafka(self) -> dict[str, Any]:
+        """The common client configuration: bootstrap, the verbatim mapping, and secrets."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, **self.client}
+        for key, ref in self.client_secrets.items():
+            conf[key] = ref.resolve().get_secret_value()
+        return conf
+
+
+class InputSettings(_Section):
+    topic: str = "trade.closed"
+    format: Literal["json", "avro", "avro-confluent"] = "json"
+    #: Required when format is avro-confluent. ``mock://`` gives an in-memory registry (tests).
+    schema_registry_url: str | None = None
+    #: Extra Schema Registry client settings (e.g. basic.auth.user.info) read from secrets.
+    schema_registry_secrets: dict[str, SecretRef] = Field(default_factory=dict)
+    #: Consumer group of the ingest stage.
+    group: str = "auto-trace-ingest"
+
+    @model_validator(mode="after")
+    def _registry_for_confluent(self) -> InputSettings:
+        if self.format == "avro-confluent" and not self.schema_registry_url:
+            raise ValueError("schema_registry_url is required when format is avro-confluent")
+        return self
+
+
+class TopicKind(_Section):
+    """Partitions, replication and retention of one kind of topic."""
+
+    #: None: the broker's default.
+    partitions: int | None = Field(default=None, ge=1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    #: None: the broker's default retention.
+    retention: Duration | None = None
+
+
+class TopicsSettings(_Section):
+    prefix: str = Field(default="auto-trace", pattern=r"^[A-Za-z0-9._-]+$")
+    #: Defaults for every kind below.
+    partitions: int = Field(default=6, ge=1)
+    #: None: the broker's default.replication.factor.
+    replication_factor: int | None = Field(default=None, ge=1)
+    delay: TopicKind = Field(default_factory=lambda: TopicKind(retention=timedelta(days=7)))
+    sink: TopicKind = Field(default_factory=lambda: TopicKind(retention=timedelta(days=7)))
+    retry: TopicKind = Field(default_factory=lambda: TopicKind(retention=timedelta(days=7)))
+    dlq: TopicKind = Field(default_factory=lambda: TopicKind(retention=timedelta(days=30)))
+    #: Holds raw input bytes, so personal data: keep its retention short.
+    dlq_ingest: TopicKind = Field(default_factory=lambda: TopicKind(retention=timedelta(days=7)))
+
+
+class DelaySettings(_Section):
+    #: X in T+X: no trade is published before close_time + window.
+    window: Duration = timedelta(minutes=5)
+    #: A close_time further in the future than this is rejected (head-of-line blocking).
+    max_clock_skew: Duration = timedelta(minutes=5)
+    #: Consumer group of the release stage.
+    group: str = "auto-trace-release"
+
+    @field_validator("window", "max_clock_skew")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must not be negative")
+        return value
+
+
+class RetrySettings(_Section):
+    #: Delay of each retry tier, in order; each tier is a topic of its own.
+    tiers: list[Duration] = Field(
+        default_factory=lambda: [
+            timedelta(seconds=5),
+            timedelta(seconds=30),
+            timedelta(minutes=5),
+            timedelta(minutes=30),
+            timedelta(hours=1),
+        ]
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _increasing(cls, tiers: list[timedelta]) -> list[timedelta]:
+        if not tiers:
+            raise ValueError("at least one tier is required")
+        if any(t <= timedelta(0) for t in tiers):
+            raise ValueError("every tier must be longer than 0")
+        if any(b <= a for a, b in zip(tiers, tiers[1:], strict=False)):
+            raise ValueError("tiers must be strictly increasing")
+        return tiers
+
+
+class _AdapterBase(_Section):
+    #: Names the adapter's topics and consumer group: lower case, digits, '-' and '_'.
+    name: str = Field(pattern=_NAME)
+    #: A disabled adapter gets no records from release and runs no worker.
+    enabled: bool = True
+    #: Deliveries in flight at once (records of one key always go one at a time, in order).
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    #: Timeout of one delivery call.
+    timeout: Duration = timedelta(seconds=10)
+
+
+class WebhookAdapterSettings(_AdapterBase):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    #: Standard Webhooks secrets (``whsec_<base64>``); several during a rotation, newest first.
+    secrets: list[SecretRef] = Field(min_length=1)
+    #: Extra request headers (not secret: they are logged in config dumps).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class TrackerAdapterSettings(_AdapterBase):
+    type: Literal["tracker"]
+    base_url: str = Field(pattern=r"^https?://")
+    email: SecretRef
+    password: SecretRef
+    login_path: str = "/login.json"
+    post_path: str = "/add-trade.json"
+    logout_path: str = "/logout.json"
+
+
+class FileAdapterSettings(_AdapterBase):
+    type: Literal["file"]
+    #: A local directory or ``s3://bucket/prefix``.
+    path: str
+    max_records: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+
+AdapterSettings = Annotated[
+    WebhookAdapterSettings | TrackerAdapterSettings | FileAdapterSettings,
+    Field(discriminator="type"),
+]
+
+
+class SinkSettings(_Section):
+    #: Records taken from Kafka but not finished, per worker, before it stops fetching.
+    max_in_flight: int = Field(default=2000, ge=1)
+
+
+class MetricsSettings(_Section):
+    host: str = "0.0.0.0"  # noqa: S104 - a pod must be scrapeable on its IP
+    #: /metrics, /healthz and /readyz. 0 disables the server.
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class ShutdownSettings(_Section):
+    #: After SIGTERM: how long in-flight work may take before it is abandoned (and redelivered).
+    grace: Duration = timedelta(seconds=30)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. See README "Configuration" for every key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTO_TRACE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
+    topics: TopicsSettings = Field(default_factory=TopicsSettings)
+    delay: DelaySettings = Field(default_factory=DelaySettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    adapters: list[AdapterSettings] = Field(default_factory=list)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list[Any]) -> list[Any]:
+        names = [a.name for a in adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(dupes)}")
+        return adapters
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first so that it overrides the YAML file passed as init values.
+        return env_settings, init_settings
+
+    def adapter(self, name: str) -> AdapterSettings:
+        for adapter in self.adapters:
+            if adapter.name == name:
+                return adapter
+        known = ", ".join(a.name for a in self.adapters) or "none configured"
+        raise ConfigError(f"adapters: no adapter named {name!r} (known: {known})")
+
+    def enabled_adapters(self) -> list[AdapterSettings]:
+        return [a for a in self.adapters if a.enabled]
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        path = ".".join(str(p) for p in item["loc"]) or "(root)"
+        parts.append(f"{path}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any), apply ``AUTO_TRACE_*`` overrides, validate everything.
+
+    ``overrides`` win over the file but not over the environment (tests use them).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        data = loaded
+    data.update(overrides)
+    try:
+        source_settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    _check_secrets(source_settings)
+    return source_settings
+
+
+def _check_secrets(settings: Settings) -> None:
+    """Resolve every secret once at start-up, so a missing one fails now, naming the field."""
+    refs: list[tuple[str, SecretRef]] = [
+        (f"kafka.client_secrets.{k}", v) for k, v in settings.kafka.client_secrets.items()
+    ]
+    refs += [
+        (f"input.schema_registry_secrets.{k}", v)
+        for k, v in settings.input.schema_registry_secrets.items()
+    ]
+    for i, adapter in enumerate(settings.adapters):
+        if isinstance(adapter, WebhookAdapterSettings):
+            refs += [(f"adapters.{i}.secrets.{j}", s) for j, s in enumerate(adapter.secrets)]
+        elif isinstance(adapter, TrackerAdapterSettings):
+            refs += [(f"adapters.{i}.email", adapter.email)]
+            refs += [(f"adapters.{i}.password", adapter.password)]
+    for path, ref in refs:
+        try:
+            ref.resolve()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+__all__ = [
+    "AdapterSettings",
+    "Duration",
+    "FileAdapterSettings",
+    "SecretRef",
+    "Settings",
+    "TrackerAdapterSettings",
+    "WebhookAdapterSettings",
+    "format_duration",
+    "load_settings",
+    "parse_duration",
+]

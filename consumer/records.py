@@ -1,0 +1,104 @@
+"""The Avro schemas on disk, and the TraceRecord codec every stage after ingest shares.
+
+``schemas/`` at the top of the repository is the source of truth; the package reads it from
+there (or from ``AUTO_TRACE_SCHEMAS_DIR``, which the container image sets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+
+TRACE_RECORD_SCHEMA = "trace_record.avsc"
+TRADE_CLOSED_SCHEMA = "trade_closed.avsc"
+
+#: Every decimal of both schemas has this scale (and precision 28).
+DECIMAL_SCALE = 8
+
+#: The TraceRecord fields that hold exact decimals, in schema order.
+DECIMAL_FIELDS = ("volume", "entry_price", "exit_price", "profit_loss", "commission", "swap")
+
+
+def schemas_dir() -> Path:
+    override = os.environ.get("AUTO_TRACE_SCHEMAS_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "schemas"
+
+
+@cache
+def load_schema(name: str) -> Any:
+    """A parsed fastavro schema from ``schemas/``, parsed once per process."""
+    with (schemas_dir() / name).open(encoding="utf-8") as fh:
+        return fastavro.parse_schema(json.load(fh))
+
+
+def encode_trace(record: dict[str, Any]) -> bytes:
+    """Schemaless Avro (no container header): the value format of every internal topic."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, load_schema(TRACE_RECORD_SCHEMA), record)
+    return buf.getvalue()
+
+
+def decode_trace(data: bytes) -> dict[str, Any]:
+    result: dict[str, Any] = fastavro.schemaless_reader(
+        io.BytesIO(data), load_schema(TRACE_RECORD_SCHEMA), None
+    )
+    return result
+
+
+def render_decimal(value: Decimal) -> str:
+    """Exact text of a decimal: at least two fractional digits, trailing zeros beyond dropped.
+
+    Inputs are quantized to 8 places for the Avro schemas; this gives the form people wrote
+    (``1950.50`` stays ``1950.50``, ``1.23456`` stays ``1.23456``) without ever rounding.
+    """
+    text = format(value, "f")
+    if "." not in text:
+        return text + ".00"
+    whole, frac = text.split(".")
+    frac = frac.rstrip("0")
+    if len(frac) < 2:
+        frac = frac.ljust(2, "0")
+    return f"{whole}.{frac}"
+
+
+def render_time(value: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: ``2026-11-26T10:15:00.250Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form receivers get: decimals as strings, times as RFC 3339 UTC, enums as names."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, Decimal):
+            out[key] = render_decimal(value)
+        elif isinstance(value, datetime):
+            out[key] = render_time(value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_json_bytes(record: dict[str, Any]) -> bytes:
+    return json.dumps(to_json_dict(record), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def idempotency_key(trade_id: str, adapter: str) -> str:
+    """Stable for a trade and an adapter across retries, replays and re-publications.
+
+    A hash rather than the plain ids so that the key is fixed-length and URL-safe whatever the
+    platform's trade ids look like.
+    """
+    digest = hashlib.sha256(f"{adapter}\x00{trade_id}".encode()).hexdigest()
+    return f"at_{digest[:32]}"
