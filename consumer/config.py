@@ -8,6 +8,7 @@ CLI turns that into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from datetime import timedelta
@@ -42,7 +43,7 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 5s, 30m or 1h")
+        raise TypeError("expected a duration such as 500ms, 5s, 30m or 1h")
     if isinstance(value, int | float):
         return timedelta(seconds=value)
     if isinstance(value, str):
@@ -191,7 +192,7 @@ class RetrySettings(_Section):
             raise ValueError("at least one tier is required")
         if any(t <= timedelta(0) for t in tiers):
             raise ValueError("every tier must be longer than 0")
-        if any(b <= a for a, b in zip(tiers, tiers[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(tiers)):
             raise ValueError("tiers must be strictly increasing")
         return tiers
 
@@ -248,7 +249,7 @@ class SinkSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    host: str = "0.0.0.0"  # noqa: S104 - a pod must be scrapeable on its IP
+    host: str = "0.0.0.0"
     #: /metrics, /healthz and /readyz. 0 disables the server.
     port: int = Field(default=9108, ge=0, le=65535)
 

@@ -37,20 +37,30 @@ REASON = "auto-trace-reason"  # which field / rule failed; never a value
 REPLAY_ID = "auto-trace-replay-id"
 REPLAY_MS = "auto-trace-replay-ms"
 
-Headers = list[tuple[str, bytes]]
+#: What producers take and consumers return (confluent-kafka accepts a mapping too).
+Headers = list[tuple[str, str | bytes | None]]
+RawHeaders = list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None
 
 
-def get(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
-    """The last value of ``name`` (later headers override earlier ones), decoded."""
+def _items(headers: RawHeaders) -> list[tuple[str, str | bytes | None]]:
     if not headers:
-        return None
-    for key, value in reversed(headers):
+        return []
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers)
+
+
+def get(headers: RawHeaders, name: str) -> str | None:
+    """The last value of ``name`` (later headers override earlier ones), decoded."""
+    for key, value in reversed(_items(headers)):
         if key == name:
-            return None if value is None else value.decode("ascii", "replace")
+            if value is None:
+                return None
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
     return None
 
 
-def get_int(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> int | None:
+def get_int(headers: RawHeaders, name: str) -> int | None:
     value = get(headers, name)
     if value is None:
         return None
@@ -60,11 +70,9 @@ def get_int(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> in
         return None
 
 
-def replace(
-    headers: Sequence[tuple[str, bytes | None]] | None, updates: Iterable[tuple[str, str | int]]
-) -> Headers:
+def replace(headers: RawHeaders, updates: Iterable[tuple[str, str | int]]) -> Headers:
     """A copy of ``headers`` with each update set once (old values of that name dropped)."""
-    new = [(k, str(v).encode("ascii")) for k, v in updates]
+    new: Headers = [(k, str(v).encode("ascii", "replace")) for k, v in updates]
     names = {k for k, _ in new}
-    kept = [(k, v if v is not None else b"") for k, v in headers or () if k not in names]
+    kept = [(k, v) for k, v in _items(headers) if k not in names]
     return kept + new

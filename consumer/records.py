@@ -50,9 +50,9 @@ def encode_trace(record: dict[str, Any]) -> bytes:
 
 
 def decode_trace(data: bytes) -> dict[str, Any]:
-    result: dict[str, Any] = fastavro.schemaless_reader(
-        io.BytesIO(data), load_schema(TRACE_RECORD_SCHEMA), None
-    )
+    result = fastavro.schemaless_reader(io.BytesIO(data), load_schema(TRACE_RECORD_SCHEMA), None)
+    if not isinstance(result, dict):
+        raise TypeError("not a TraceRecord")
     return result
 
 
@@ -74,7 +74,9 @@ def render_decimal(value: Decimal) -> str:
 
 def render_time(value: datetime) -> str:
     """RFC 3339 UTC with milliseconds: ``2026-11-26T10:15:00.250Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return (
+        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    )
 
 
 def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""The ``webhook`` adapter: one signed HTTP POST per record, the Standard Webhooks way.
+
+Receivers verify us with any Standard Webhooks library (https://www.standardwebhooks.com):
+``webhook-id`` is the delivery's idempotency key, so it is also what they deduplicate on, and it
+is repeated as ``Idempotency-Key`` for receivers that only know that convention.
+
+The HTTP client is httpx with an aiohttp-backed transport by default: httpx's own connection
+pool slows down as concurrency grows (FACTS.md), aiohttp's does not. ``transport="httpx"``
+keeps the plain transport for comparison.
+
+Every error message here ends up in a dead-letter header and a log line, so it says what kind
+of failure happened and nothing else: no URL (it may carry a token), no response body, no
+header value, no secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import time
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import Final, Literal
+
+import aiohttp
+import httpx
+from httpx_aiohttp import HttpxAiohttpClient
+
+from consumer.adapters.base import Adapter, Delivery
+from consumer.config import SecretRef, WebhookAdapterSettings, format_duration
+from consumer.errors import ConfigError, FatalDeliveryError, RetriableDeliveryError
+from consumer.records import to_json_bytes
+
+Transport = Literal["aiohttp", "httpx"]
+
+#: The transport used when the caller does not choose one (see the module docstring).
+DEFAULT_TRANSPORT: Final[Transport] = "aiohttp"
+
+#: Statuses that say "not now" rather than "never": the record goes to a retry tier.
+RETRIABLE_STATUSES: Final = frozenset({408, 425, 429})
+
+_SECRET_PREFIX = "whsec_"
+_DELTA_SECONDS = re.compile(r"^[0-9]+$")
+
+#: Headers the adapter sets itself; configured extra headers may not replace them, or the
+#: signature or the deduplication key would silently stop meaning anything.
+_RESERVED_HEADERS: Final = frozenset(
+    {"content-type", "webhook-id", "webhook-timestamp", "webhook-signature", "idempotency-key"}
+)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP-date).
+
+    A value we cannot read is ignored rather than guessed at: the retry tiers still apply. A
+    date in the past means "now", never a negative wait.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS.match(value):
+        return float(int(value))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110 HTTP-dates are always GMT; "-0000" comes back naive.
+        when = when.replace(tzinfo=UTC)
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def _decode_secret(secret: str) -> bytes | None:
+    """The HMAC key of a ``whsec_<base64>`` secret, or None if it is not one."""
+    if not secret.startswith(_SECRET_PREFIX):
+        return None
+    encoded = secret[len(_SECRET_PREFIX) :]
+    # Unpadded base64 is accepted, as the reference library accepts it.
+    encoded += "=" * (-len(encoded) % 4)
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key or None
+
+
+class WebhookAdapter(Adapter):
+    """Signs and POSTs each record; classifies the answer for the sink engine."""
+
+    def __init__(
+        self, settings: WebhookAdapterSettings, *, transport: Transport = DEFAULT_TRANSPORT
+    ) -> None:
+        super().__init__(settings.name)
+        where = f"adapters.{settings.name}"
+        self._keys: tuple[bytes, ...] = tuple(
+            self._load_key(f"{where}.secrets.{i}", ref) for i, ref in enumerate(settings.secrets)
+        )
+        try:
+            url = httpx.URL(settings.url)
+        except httpx.InvalidURL:
+            # The URL may carry a token: name the field, not the value.
+            raise ConfigError(f"{where}.url: not a valid URL") from None
+        # Credentials in the URL become an explicit Basic auth: httpx would add the header
+        # and still pass them in the URL, which aiohttp refuses ("Cannot combine
+        # AUTHORIZATION header with ... credentials encoded in URL").
+        self._auth = httpx.BasicAuth(url.username, url.password) if url.userinfo else None
+        self._url = url.copy_with(userinfo=b"")
+        clashes = sorted(h for h in settings.headers if h.lower() in _RESERVED_HEADERS)
+        if clashes:
+            raise ConfigError(
+                f"{where}.headers: {', '.join(clashes)} is set by the adapter and cannot be "
+                "configured"
+            )
+        self._extra_headers = dict(settings.headers)
+        self._timeout = settings.timeout.total_seconds()
+        self._timeout_text = format_duration(settings.timeout)
+        self._concurrency = settings.concurrency
+        self._transport: Transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    @staticmethod
+    def _load_key(path: str, ref: SecretRef) -> bytes:
+        try:
+            secret = ref.resolve().get_secret_value()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        key = _decode_secret(secret)
+        if key is None:
+            # Never quote the value, not even a prefix of it.
+            raise ConfigError(f"{path}: expected a Standard Webhooks secret 'whsec_<base64>'")
+        return key
+
+    def sign(self, msg_id: str, timestamp: int, body: bytes) -> str:
+        """The ``webhook-signature`` value: one ``v1,`` signature per secret, space-separated.
+
+        During a rotation every configured secret signs, so receivers holding either the old or
+        the new one keep verifying.
+        """
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        return " ".join(
+            "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+            for key in self._keys
+        )
+
+    async def start(self) -> None:
+        limits = httpx.Limits(
+            max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+        )
+        timeout = httpx.Timeout(self._timeout)
+        if self._transport == "aiohttp":
+            # HttpxAiohttpClient (not AsyncClient(transport=...)) so that proxies taken from the
+            # environment go through aiohttp as well.
+            self._client = HttpxAiohttpClient(timeout=timeout, limits=limits)
+        else:
+            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def deliver(self, delivery: Delivery) -> None:
+        client = self._client
+        if client is None:
+            raise RuntimeError("WebhookAdapter.start() must be awaited before deliver()")
+        body = to_json_bytes(delivery.record)
+        msg_id = delivery.idempotency_key
+        timestamp = int(time.time())
+        headers = {
+            **self._extra_headers,
+            "Content-Type": "application/json",
+            "Idempotency-Key": msg_id,
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": self.sign(msg_id, timestamp, body),
+        }
+        try:
+            # httpx's timeout is per phase (connect, each read, ...); this bounds the whole
+            # call, so a receiver trickling bytes cannot hold a worker slot forever.
+            async with asyncio.timeout(self._timeout):
+                status, retry_after = await self._post(client, body, headers)
+        except (TimeoutError, httpx.RequestError, aiohttp.ClientError) as exc:
+            raise self._transport_failure(exc) from exc
+        if 200 <= status < 300:
+            return
+        message = f"HTTP {status} from webhook"
+        if status in RETRIABLE_STATUSES or 500 <= status < 600:
+            raise RetriableDeliveryError(message, retry_after=parse_retry_after(retry_after))
+        raise FatalDeliveryError(message)
+
+    async def _post(
+        self, client: httpx.AsyncClient, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str | None]:
+        request = client.stream("POST", self._url, content=body, headers=headers, auth=self._auth)
+        async with request as response:
+            # Drain without keeping the body, so the connection goes back to the pool.
+            async for _ in response.aiter_raw():
+                pass
+            return response.status_code, response.headers.get("retry-after")
+
+    def _transport_failure(self, exc: BaseException) -> RetriableDeliveryError:
+        # httpx-aiohttp maps every aiohttp.ClientConnectionError (refused, reset, disconnected)
+        # to httpx.ConnectTimeout; the aiohttp cause tells what really happened.
+        cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+        if isinstance(cause, TimeoutError | httpx.TimeoutException):
+            return RetriableDeliveryError(f"timeout after {self._timeout_text}")
+        return RetriableDeliveryError(f"connection error: {type(cause).__name__}")
+
+
+__all__ = [
+    "DEFAULT_TRANSPORT",
+    "RETRIABLE_STATUSES",
+    "Transport",
+    "WebhookAdapter",
+    "parse_retry_after",
+]

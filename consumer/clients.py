@@ -1,0 +1,52 @@
+"""librdkafka client settings shared by every stage, so the delivery guarantees are set once.
+
+Producers are idempotent with ``acks=all`` (librdkafka's default leaves idempotence off: see
+FACTS.md). Consumers never store an offset by themselves: a stage stores a record's offset only
+once its outcome is durable, and librdkafka commits stored offsets in the background, on
+rebalance and on close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+from consumer.config import Settings
+
+#: Largest record a stage produces. The ingest DLQ must be able to keep oversized input.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return {
+        **settings.kafka.librdkafka(),
+        "enable.idempotence": True,
+        "acks": "all",
+        # Batching for throughput; a stage waits for acknowledgements per consumed batch anyway.
+        "linger.ms": 5,
+        "message.max.bytes": MAX_MESSAGE_BYTES + 64 * 1024,
+        "compression.type": "lz4",
+        **extra,
+    }
+
+
+def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+    return {
+        **settings.kafka.librdkafka(),
+        "group.id": group,
+        "enable.auto.commit": True,
+        "auto.commit.interval.ms": 1000,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+        **extra,
+    }
+
+
+def make_producer(settings: Settings, **extra: Any) -> Producer:
+    return Producer(producer_config(settings, **extra))
+
+
+def make_consumer(settings: Settings, group: str, **extra: Any) -> Consumer:
+    return Consumer(consumer_config(settings, group, **extra))

@@ -1,0 +1,198 @@
+"""The delayed-topic consumer: release (the T+X window) and every retry tier read through it.
+
+A record is handed to the application only once it is due. A partition whose head record is
+not due yet is *paused and seeked back* to that record, and resumed when it is due: nothing
+waits in memory, no thread sleeps on a record, and the backlog only costs disk on the broker.
+Polling never stops (heartbeats and group membership stay alive); the poll timeout is cut to
+the time until the next partition is due, so lateness is bounded by the poll loop.
+
+Rebalance: the pause/seek state of a revoked partition is dropped; a newly assigned partition
+starts from its committed offset and is paused again by its own head record if needed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+
+TP = tuple[str, int]
+DueOf = Callable[[Message], int]
+
+
+@dataclass(slots=True)
+class _Held:
+    offset: int
+    until_ms: int
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class DelayedConsumer:
+    """Wraps a subscribed ``Consumer`` so that ``poll_due`` returns only due records.
+
+    ``due_of(msg)`` gives a record's due time in epoch ms (0: due at once). ``clock`` returns
+    epoch ms and is injectable so unit tests need no waiting.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        due_of: DueOf,
+        *,
+        max_poll_s: float = 1.0,
+        clock: Callable[[], int] = now_ms,
+        on_assign: Callable[[list[TopicPartition]], None] | None = None,
+        on_revoke: Callable[[list[TopicPartition]], None] | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self._due_of = due_of
+        self._max_poll_s = max_poll_s
+        self._clock = clock
+        self._held: dict[TP, _Held] = {}
+        self._lock = threading.Lock()
+        self._assigned: set[TP] = set()
+        self._user_assign = on_assign
+        self._user_revoke = on_revoke
+        #: Partitions paused by the application (back-pressure), not by due times.
+        self._throttled = False
+        self.rebalances = 0
+
+    # -- subscription and rebalance ---------------------------------------------------------
+
+    def subscribe(self, topics: list[str]) -> None:
+        self.consumer.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        with self._lock:
+            self.rebalances += 1
+            self._assigned.update((p.topic, p.partition) for p in partitions)
+        if self._user_assign is not None:
+            self._user_assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._user_revoke is not None:
+            self._user_revoke(partitions)
+        with self._lock:
+            self.rebalances += 1
+            for p in partitions:
+                tp = (p.topic, p.partition)
+                self._held.pop(tp, None)
+                self._assigned.discard(tp)
+
+    @property
+    def assigned(self) -> set[TP]:
+        with self._lock:
+            return set(self._assigned)
+
+    # -- holding partitions -----------------------------------------------------------------
+
+    def hold(self, topic: str, partition: int, offset: int, until_ms: int) -> None:
+        """Pause a partition and rewind it to ``offset`` until ``until_ms``.
+
+        Also used by ingest to back off a partition while the Schema Registry is unreachable.
+        """
+        tp = TopicPartition(topic, partition, offset)
+        with self._lock:
+            if (topic, partition) not in self._assigned:
+                return
+            self._held[(topic, partition)] = _Held(offset, until_ms)
+        self.consumer.pause([tp])
+        self.consumer.seek(tp)
+
+    def held(self) -> dict[TP, int]:
+        """Held partitions and when each is due (for metrics and tests)."""
+        with self._lock:
+            return {tp: h.until_ms for tp, h in self._held.items()}
+
+    def next_due_ms(self) -> int | None:
+        with self._lock:
+            return min((h.until_ms for h in self._held.values()), default=None)
+
+    def _resume_due(self, now: int) -> None:
+        with self._lock:
+            due = [tp for tp, h in self._held.items() if h.until_ms <= now]
+            for tp in due:
+                del self._held[tp]
+        if due and not self._throttled:
+            self.consumer.resume([TopicPartition(t, p) for t, p in due])
+
+    def throttle(self, on: bool) -> None:
+        """Back-pressure: pause every assigned partition while the application is saturated.
+
+        Polling goes on (the group stays alive); held partitions stay held.
+        """
+        if on == self._throttled:
+            return
+        self._throttled = on
+        with self._lock:
+            assigned = [TopicPartition(t, p) for t, p in self._assigned]
+            held = set(self._held)
+        if on:
+            self.consumer.pause(assigned)
+        else:
+            self.consumer.resume([tp for tp in assigned if (tp.topic, tp.partition) not in held])
+
+    # -- polling ----------------------------------------------------------------------------
+
+    def poll_timeout(self, now: int) -> float:
+        """Never longer than the time until the next held partition is due."""
+        next_due = self.next_due_ms()
+        if next_due is None:
+            return self._max_poll_s
+        return max(0.0, min(self._max_poll_s, (next_due - now) / 1000.0))
+
+    def poll_due(self, max_records: int = 500, timeout: float | None = None) -> list[Message]:
+        """Due records in partition order; errors other than partition EOF are raised."""
+        now = self._clock()
+        self._resume_due(now)
+        if self._throttled:
+            # Partitions assigned since throttling began must respect back-pressure too.
+            self.consumer.pause([TopicPartition(t, p) for t, p in self.assigned])
+        wait = self.poll_timeout(now) if timeout is None else min(timeout, self.poll_timeout(now))
+        messages = self.consumer.consume(max_records, wait)
+        if not messages:
+            return []
+        now = self._clock()
+        out: list[Message] = []
+        stopped: set[TP] = set()
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise_kafka_error(err)
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp in stopped:
+                # Fetched behind a record that is not due: it will be fetched again.
+                continue
+            with self._lock:
+                if tp in self._held or tp not in self._assigned:
+                    # Raced with a rebalance or a hold: skip, the seek rewinds it.
+                    stopped.add(tp)
+                    continue
+            due = self._due_of(msg)
+            if due > now:
+                stopped.add(tp)
+                offset = msg.offset()
+                assert offset is not None
+                self.hold(tp[0], tp[1], offset, due)
+                continue
+            out.append(msg)
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def raise_kafka_error(err: KafkaError) -> None:
+    from confluent_kafka import KafkaException
+
+    raise KafkaException(err)

@@ -1,0 +1,173 @@
+"""Ingest: ``trade.closed`` → validated, PII-free TraceRecord → the delay topic.
+
+Anything that cannot be decoded or validated goes to the ingest DLQ with the raw bytes and a
+reason, and the stage moves on: a bad record never stops or stalls a partition. The due time
+(``close_time + window``) travels in a header so release never has to decode the body.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from confluent_kafka import Message
+
+from consumer import headers as h
+from consumer.clients import MAX_MESSAGE_BYTES, make_consumer, make_producer
+from consumer.config import Settings
+from consumer.decode import Decoder, RegistryUnavailable, make_decoder
+from consumer.delayed import DelayedConsumer, now_ms
+from consumer.errors import InputError
+from consumer.health import Health
+from consumer.log import get_logger
+from consumer.metrics import Metrics
+from consumer.records import encode_trace
+from consumer.stage import BatchProducer, LoopStage, rewind_batch, store_batch
+from consumer.topics import delay_topic, ingest_dlq_topic
+from consumer.trade import project, record_key, validate_not_future
+
+log = get_logger("ingest")
+
+#: How long a partition waits before trying the Schema Registry again.
+REGISTRY_BACKOFF_MS = 2000
+
+
+def _ms(value: timedelta) -> int:
+    return int(value / timedelta(milliseconds=1))
+
+
+class IngestStage(LoopStage):
+    name = "ingest"
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        *,
+        decoder: Decoder | None = None,
+        batch_size: int = 1000,
+    ) -> None:
+        super().__init__(metrics, health)
+        self.settings = settings
+        self.decoder = decoder if decoder is not None else make_decoder(settings.input)
+        self.batch_size = batch_size
+        self.window_ms = _ms(settings.delay.window)
+        self.skew_ms = _ms(settings.delay.max_clock_skew)
+        self.delay_topic = delay_topic(settings)
+        self.dlq_topic = ingest_dlq_topic(settings)
+
+    def run(self, stop: threading.Event) -> None:
+        consumer = DelayedConsumer(
+            make_consumer(self.settings, self.settings.input.group),
+            due_of=lambda _msg: 0,
+            max_poll_s=0.5,
+            on_assign=self._on_rebalance,
+            on_revoke=self._on_rebalance,
+        )
+        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
+        consumer.subscribe([self.settings.input.topic])
+        log.info(
+            "ingest started",
+            extra={
+                "fields": {"topic": self.settings.input.topic, "format": self.settings.input.format}
+            },
+        )
+        try:
+            while not stop.is_set():
+                self.health.beat(self.name)
+                messages = consumer.poll_due(self.batch_size)
+                if messages:
+                    self._handle(consumer, out, messages)
+        finally:
+            out.producer.flush(10)
+            consumer.close()
+            log.info("ingest stopped")
+
+    def _on_rebalance(self, _partitions: Any) -> None:
+        self.metrics.rebalances.labels(self.name).inc()
+        self.health.set_ready(self.name, True)
+
+    def _handle(
+        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
+    ) -> None:
+        self.metrics.records_in.labels(self.name).inc(len(messages))
+        done: list[Message] = []
+        backed_off: set[tuple[str, int]] = set()
+        now = now_ms()
+        for msg in messages:
+            tp = (msg.topic() or "", msg.partition() or 0)
+            if tp in backed_off:
+                continue
+            try:
+                self._one(out, msg, now)
+            except RegistryUnavailable:
+                # Not the record's fault: hold the partition and try it again later.
+                backed_off.add(tp)
+                offset = msg.offset()
+                assert offset is not None
+                log.warning(
+                    "schema registry unavailable; holding partition",
+                    extra={"fields": {"topic": tp[0], "partition": tp[1], "offset": offset}},
+                )
+                consumer.hold(tp[0], tp[1], offset, now_ms() + REGISTRY_BACKOFF_MS)
+                continue
+            done.append(msg)
+        if out.finish():
+            store_batch(consumer, done)
+        else:
+            rewind_batch(consumer, done)
+
+    def _one(self, out: BatchProducer, msg: Message, now: int) -> None:
+        raw = msg.value()
+        try:
+            trade = self.decoder.decode(raw)
+            validate_not_future(trade, now, self.skew_ms)
+            record = project(trade)
+        except InputError as exc:
+            self._dead_letter(out, msg, exc)
+            return
+        close_ms = int(record["close_time"].timestamp() * 1000)
+        value = encode_trace(record)
+        out.produce(
+            self.delay_topic,
+            value,
+            key=record_key(trade),
+            headers=[
+                (h.DUE_MS, str(close_ms + self.window_ms).encode()),
+                (h.CLOSE_MS, str(close_ms).encode()),
+                (h.TRADE_ID, record["trade_id"].encode()),
+            ],
+        )
+
+    def _dead_letter(self, out: BatchProducer, msg: Message, exc: InputError) -> None:
+        raw = msg.value() or b""
+        extra: list[tuple[str, str | int]] = [
+            (h.ERROR_CLASS, type(exc).__name__),
+            (h.REASON, str(exc)[:500]),
+            (h.SOURCE_TOPIC, msg.topic() or ""),
+            (h.SOURCE_PARTITION, msg.partition() or 0),
+            (h.SOURCE_OFFSET, msg.offset() or 0),
+            (h.FAILED_AT_MS, int(time.time() * 1000)),
+        ]
+        if len(raw) > MAX_MESSAGE_BYTES:
+            # Larger than any topic here accepts: keep the head, say how much there was.
+            extra.append(("auto-trace-original-size", len(raw)))
+            raw = raw[:MAX_MESSAGE_BYTES]
+        self.metrics.ingest_dead_letters.labels(exc.reason_class).inc()
+        self.metrics.records_failed.labels(self.name).inc()
+        log.info(
+            "input record dead-lettered",
+            extra={
+                "fields": {
+                    "topic": msg.topic(),
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "error_class": type(exc).__name__,
+                    "reason": str(exc)[:200],
+                }
+            },
+        )
+        out.produce(self.dlq_topic, raw, key=msg.key(), headers=h.replace(msg.headers(), extra))

@@ -1,0 +1,90 @@
+"""Release: holds records in the delay topic until ``close_time + window``, then fans each out,
+same key and same bytes, to the sink topic of every enabled adapter.
+
+The record's offset is stored only after every sink topic acknowledged it. The body is never
+decoded here: the due time is a header written by ingest.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from confluent_kafka import Message
+
+from consumer import headers as h
+from consumer.clients import make_consumer, make_producer
+from consumer.config import Settings
+from consumer.delayed import DelayedConsumer, now_ms
+from consumer.errors import ConfigError
+from consumer.health import Health
+from consumer.log import get_logger
+from consumer.metrics import Metrics
+from consumer.stage import BatchProducer, LoopStage, rewind_batch, store_batch
+from consumer.topics import delay_topic, sink_topic
+
+log = get_logger("release")
+
+
+def due_ms(msg: Message) -> int:
+    """A record without a readable due header is released at once: it cannot be held forever,
+    and everything ingest writes has one."""
+    return h.get_int(msg.headers(), h.DUE_MS) or 0
+
+
+class ReleaseStage(LoopStage):
+    name = "release"
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, health: Health, *, batch_size: int = 1000
+    ) -> None:
+        super().__init__(metrics, health)
+        self.settings = settings
+        self.batch_size = batch_size
+        self.sinks = [sink_topic(settings, a.name) for a in settings.enabled_adapters()]
+        if not self.sinks:
+            raise ConfigError("adapters: release needs at least one enabled adapter")
+        self.topic = delay_topic(settings)
+
+    def run(self, stop: threading.Event) -> None:
+        consumer = DelayedConsumer(
+            make_consumer(self.settings, self.settings.delay.group),
+            due_of=due_ms,
+            on_assign=self._on_rebalance,
+            on_revoke=self._on_rebalance,
+        )
+        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
+        consumer.subscribe([self.topic])
+        log.info("release started", extra={"fields": {"topic": self.topic, "sinks": self.sinks}})
+        held_gauge = self.metrics.waiting.labels(self.topic)
+        try:
+            while not stop.is_set():
+                self.health.beat(self.name)
+                messages = consumer.poll_due(self.batch_size)
+                held_gauge.set(len(consumer.held()))
+                if messages:
+                    self._handle(consumer, out, messages)
+        finally:
+            out.producer.flush(10)
+            consumer.close()
+            log.info("release stopped")
+
+    def _on_rebalance(self, _partitions: Any) -> None:
+        self.metrics.rebalances.labels(self.name).inc()
+        self.health.set_ready(self.name, True)
+
+    def _handle(
+        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
+    ) -> None:
+        self.metrics.records_in.labels(self.name).inc(len(messages))
+        now = now_ms()
+        lateness = self.metrics.lateness.labels(self.name, "")
+        for msg in messages:
+            key, value, headers = msg.key(), msg.value(), msg.headers()
+            for topic in self.sinks:
+                out.produce(topic, value, key=key, headers=headers)
+            lateness.observe(max(0, now - due_ms(msg)) / 1000.0)
+        if out.finish():
+            store_batch(consumer, messages)
+        else:
+            rewind_batch(consumer, messages)

@@ -1,0 +1,126 @@
+"""What ingest and release share: consume a batch, produce its outputs, store offsets only when
+the broker acknowledged every output of the batch.
+
+Waiting for acknowledgements per *batch* (not per record) keeps throughput close to a plain
+copy while an offset is still never stored before its outputs are durable. If any output of a
+batch fails, the batch's partitions are rewound to the batch's first offsets and processed
+again: duplicates are possible (at-least-once), loss is not.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+
+from consumer import headers as h
+from consumer.delayed import DelayedConsumer
+from consumer.health import Health
+from consumer.log import get_logger
+from consumer.metrics import Metrics
+
+log = get_logger("stage")
+
+
+class BatchProducer:
+    """Counts acknowledgements of one batch's produces."""
+
+    def __init__(self, producer: Producer, metrics: Metrics, stage: str) -> None:
+        self.producer = producer
+        self._metrics = metrics
+        self._stage = stage
+        self._pending = 0
+        self._failed: list[KafkaError] = []
+        self._acked: dict[str, int] = {}
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        self._pending -= 1
+        if err is not None:
+            self._failed.append(err)
+        else:
+            topic = msg.topic() or ""
+            self._acked[topic] = self._acked.get(topic, 0) + 1
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: h.RawHeaders = None,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, then try again.
+                self.producer.poll(0.1)
+        self._pending += 1
+
+    def finish(self, timeout: float = 60.0) -> bool:
+        """Wait for every acknowledgement of this batch; True when all succeeded."""
+        remaining = self.producer.flush(timeout)
+        ok = remaining == 0 and self._pending == 0 and not self._failed
+        for topic, count in self._acked.items():
+            self._metrics.records_out.labels(self._stage, topic).inc(count)
+        if not ok:
+            self._metrics.produce_errors.labels(self._stage).inc()
+            codes = sorted({e.name() for e in self._failed})
+            log.warning(
+                "batch not acknowledged; rewinding",
+                extra={"fields": {"stage": self._stage, "unacked": remaining, "errors": codes}},
+            )
+        self._pending = 0
+        self._failed = []
+        self._acked = {}
+        return ok
+
+
+def store_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
+    """Store, per partition, the offset after the batch's last record."""
+    last: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        offset = msg.offset()
+        assert offset is not None
+        last[(msg.topic() or "", msg.partition() or 0)] = offset
+    if last:
+        consumer.consumer.store_offsets(
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        )
+
+
+def rewind_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
+    """Seek each partition back to the batch's first record so it is processed again."""
+    first: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        offset = msg.offset()
+        assert offset is not None
+        first.setdefault((msg.topic() or "", msg.partition() or 0), offset)
+    for (topic, partition), offset in first.items():
+        if (topic, partition) in consumer.assigned:
+            consumer.consumer.seek(TopicPartition(topic, partition, offset))
+
+
+class LoopStage:
+    """A stage that turns a poll loop until ``stop`` is set; subclasses handle batches."""
+
+    name = "stage"
+
+    def __init__(self, metrics: Metrics, health: Health) -> None:
+        self.metrics = metrics
+        self.health = health
+        health.register(self.name)
+
+    def _track_assignment(self, consumer: DelayedConsumer) -> Callable[[Any], None]:
+        def on_change(_partitions: Any) -> None:
+            self.metrics.rebalances.labels(self.name).inc()
+            self.health.set_ready(self.name, True)
+
+        return on_change
+
+    def run(self, stop: threading.Event) -> None:
+        raise NotImplementedError
