@@ -24,6 +24,7 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import gc
 import hashlib
 import importlib.resources
 import logging
@@ -69,6 +70,9 @@ CACHE_DIR_ENV = "AUTO_TRACE_CACHE_DIR"
 #: KRaft needs 7.0 or later.
 TESTCONTAINERS_IMAGE = "confluentinc/cp-kafka:7.6.0"
 
+# Kafka 4 also carries log4j2, whose status logger complains on every JVM start that it has
+# no configuration; the broker logs through reload4j (log4j.properties below) anyway.
+_QUIET_LOG4J2 = "-Dlog4j2.statusLoggerLevel=OFF"
 #: Heap and GC settings sized for a developer machine or a 2-core CI runner that also runs
 #: the tests: the broker must not take the memory the test processes need. The GC flags are
 #: the ones Kafka's own ``kafka-server-start.sh`` uses.
@@ -80,9 +84,10 @@ JVM_OPTIONS: tuple[str, ...] = (
     "-XX:InitiatingHeapOccupancyPercent=35",
     "-XX:+ExplicitGCInvokesConcurrent",
     "-Djava.awt.headless=true",
+    _QUIET_LOG4J2,
 )
 #: ``StorageTool format`` is a short one-shot command; a big heap only slows its start.
-_FORMAT_JVM_OPTIONS: tuple[str, ...] = ("-Xmx256m", "-Djava.awt.headless=true")
+_FORMAT_JVM_OPTIONS: tuple[str, ...] = ("-Xmx256m", "-Djava.awt.headless=true", _QUIET_LOG4J2)
 
 _POM_NAMESPACE = "{http://maven.apache.org/POM/4.0.0}"
 _MARKER_NAME = "COMPLETE"
@@ -153,28 +158,36 @@ def docker_engine_answers(timeout: float = 2.0) -> bool:
     """Tell whether a Docker engine is usable, never raising: its absence is the common case.
 
     Without ``DOCKER_HOST`` and without the default socket there is nothing to ask, so the
-    ``docker`` package (an optional dependency) is not even imported. A client that fails to
-    connect leaks its socket to the garbage collector; the ResourceWarning that would follow
-    is suppressed here because the failure itself is the expected answer.
+    ``docker`` package (an optional dependency) is not even imported.
     """
     if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            import docker  # type: ignore[import-untyped]  # optional dependency
-        except ImportError:
-            return False
-        try:
-            client = docker.from_env(timeout=timeout)
-        except Exception:  # noqa: BLE001  # any failure means "no usable engine"
-            return False
-        try:
-            return bool(client.ping())
-        except Exception:  # noqa: BLE001  # any failure means "no usable engine"
-            return False
-        finally:
-            client.close()
+        answers = _ping_docker(timeout)
+        if not answers:
+            # A client that failed to connect leaves its socket in a reference cycle with the
+            # exception. Collect it now, while its ResourceWarning is ignored, rather than in
+            # some later test that turns warnings into errors.
+            gc.collect()
+        return answers
+
+
+def _ping_docker(timeout: float) -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]  # optional dependency
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=timeout)
+    except Exception:  # noqa: BLE001  # any failure means "no usable engine"
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001  # any failure means "no usable engine"
+        return False
+    finally:
+        client.close()
 
 
 def _testcontainers_cluster() -> contextlib.AbstractContextManager[Cluster] | None:
@@ -205,25 +218,17 @@ def default_cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "auto-trace"
 
 
-def _packaged_pom() -> Path:
-    """Find the pom shipped as package data, so installed copies work the same as a checkout."""
-    try:
-        with importlib.resources.as_file(
-            importlib.resources.files("consumer") / "broker-pom.xml"
-        ) as pom:
-            return Path(pom)
-    except NotADirectoryError:
-        # Python 3.11 cannot read resources of a namespace package (``consumer/__init__.py``
-        # missing) in an editable install; the file still sits next to this module.
-        return Path(__file__).with_name("broker-pom.xml")
+def packaged_pom() -> bytes:
+    """The pom shipped as package data, read through importlib so installed copies work too."""
+    return (importlib.resources.files("consumer") / "broker-pom.xml").read_bytes()
 
 
-def kafka_version(pom: Path) -> str:
+def kafka_version(pom_xml: bytes) -> str:
     """Read the version from the pom so the cache folder changes when the pom's version does."""
-    root = ET.parse(pom).getroot()
+    root = ET.fromstring(pom_xml)
     node = root.find(f"{_POM_NAMESPACE}properties/{_POM_NAMESPACE}kafka.version")
     if node is None or not (node.text or "").strip():
-        raise BrokerError(f"{pom} has no <properties><kafka.version>")
+        raise BrokerError("the broker pom has no <properties><kafka.version>")
     return (node.text or "").strip()
 
 
@@ -236,11 +241,10 @@ def ensure_broker_jars(pom: Path | None = None, cache_dir: Path | None = None) -
     copying into the same folder at the same time; the second one waits and then finds the
     marker.
     """
-    pom = pom or _packaged_pom()
+    pom_bytes = pom.read_bytes() if pom is not None else packaged_pom()
     cache_dir = cache_dir or default_cache_dir()
-    pom_bytes = pom.read_bytes()
     digest = hashlib.sha256(pom_bytes).hexdigest()
-    version_dir = cache_dir / f"kafka-{kafka_version(pom)}"
+    version_dir = cache_dir / f"kafka-{kafka_version(pom_bytes)}"
     libs = version_dir / "libs"
     marker = version_dir / _MARKER_NAME
 
@@ -292,7 +296,10 @@ def _resolve_jars(pom_bytes: bytes, version_dir: Path, libs: Path) -> None:
         f"-DoutputDirectory={libs}",
         "-DincludeScope=runtime",
     ]
-    log.info("resolving the Kafka broker jars into %s (once; about 30 s)", libs)
+    log.info(
+        "resolving the Kafka broker jars into %s (once; up to a minute with an empty Maven cache)",
+        libs,
+    )
     started = time.monotonic()
     try:
         done = subprocess.run(
@@ -342,8 +349,28 @@ def _free_ports(count: int) -> list[int]:
         return ports
 
 
+def _require_free(port: int) -> None:
+    """Say "port in use" in one line now, rather than in a JVM stack trace ten seconds later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot start a Kafka broker on port {port}: {exc.strerror}"
+            ) from exc
+
+
 def _new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """16 random bytes, URL-safe base64, never starting with "-".
+
+    Kafka's own ``Uuid.randomUuid()`` skips ids with a leading "-" too: command-line parsers,
+    ``kafka-storage format -t`` among them, take such an id for an option (1 start in 64).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -455,12 +482,17 @@ class LocalBroker:
             _wait_until_ready(
                 self.bootstrap_servers,
                 deadline=started + self._startup_timeout,
-                describe=self._describe_failure,
+                describe=self.describe_failure,
                 process=self._proc,
+                cluster_id=self._cluster_id(),
             )
-        except BaseException:
+        except BrokerError:
             # Leave the folder for the post-mortem the error message points to.
             self._terminate(grace=5.0)
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C): nothing to investigate, so leave nothing behind.
+            self.stop()
             raise
         log.info(
             "Kafka broker ready at %s in %.1f s (log: %s)",
@@ -471,9 +503,15 @@ class LocalBroker:
         return self
 
     def stop(self) -> None:
-        """Shut down cleanly (SIGTERM, then SIGKILL after the deadline) and forget the folder."""
-        self._terminate(grace=self._stop_timeout)
-        if self._workdir is not None and not self._keep:
+        """Shut down cleanly (SIGTERM, then SIGKILL after the deadline) and forget the folder.
+
+        A broker that had died by itself leaves its folder behind: its log is the only
+        explanation there is.
+        """
+        crashed = self._terminate(grace=self._stop_timeout)
+        if crashed and self._workdir is not None:
+            log.warning("the Kafka broker had died by itself; its log is at %s", self.log_path)
+        elif self._workdir is not None and not self._keep:
             shutil.rmtree(self._workdir, ignore_errors=True)
         self._workdir = None
         self._port = None
@@ -512,16 +550,19 @@ class LocalBroker:
         return value
 
     def _prepare(self) -> None:
+        """Pick ports and folder on the first start only: later starts must find the same."""
+        if self._port is None or self._controller_port is None:
+            if self._wanted_port:
+                _require_free(self._wanted_port)
+            free = _free_ports(2)
+            self._port = self._wanted_port or free[0]
+            self._controller_port = free[1] if free[1] != self._port else free[0]
         if self._workdir is None:
             if self._given_dir is not None:
                 self._given_dir.mkdir(parents=True, exist_ok=True)
                 self._workdir = self._given_dir.resolve()
             else:
                 self._workdir = Path(tempfile.mkdtemp(prefix="auto-trace-kafka-"))
-        if self._port is None or self._controller_port is None:
-            free = _free_ports(2)
-            self._port = self._wanted_port or free[0]
-            self._controller_port = free[1] if free[1] != self._port else free[0]
         (self._workdir / "server.properties").write_text(self._server_properties())
         (self._workdir / "log4j.properties").write_text(_LOG4J_PROPERTIES)
 
@@ -539,14 +580,32 @@ class LocalBroker:
             "num.partitions": "1",
             # One node: internal topics cannot have more replicas than that.
             "offsets.topic.replication.factor": "1",
+            # The first consumer group otherwise waits ~4 s for 50 offsets partitions.
+            "offsets.topic.num.partitions": "1",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             # Tests start a consumer and expect records now, not after the 3 s default wait.
             "group.initial.rebalance.delay.ms": "0",
+            # After a crash (kill()) the restarted broker waits for its previous incarnation's
+            # session to expire before it is unfenced: 9 s by default, 3 s here.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _cluster_id(self) -> str | None:
+        """The id ``format`` wrote, read back because a restart does not format again."""
+        try:
+            lines = (self.data_dir / "kraft" / "meta.properties").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in lines:
+            key, _, value = line.partition("=")
+            if key.strip() == "cluster.id":
+                return value.strip()
+        return None
 
     def _java_command(self, java: str, jars: Path, options: Sequence[str]) -> list[str]:
         return [
@@ -566,10 +625,8 @@ class LocalBroker:
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "-t",
-            _new_cluster_id(),
-            "-c",
-            str(self.data_dir / "server.properties"),
+            f"--cluster-id={_new_cluster_id()}",
+            f"--config={self.data_dir / 'server.properties'}",
         ]
         with self.log_path.open("ab") as out:
             out.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} format storage\n".encode())
@@ -585,7 +642,7 @@ class LocalBroker:
         if done.returncode != 0:
             raise BrokerError(
                 f"formatting the broker storage failed with exit code {done.returncode} "
-                f"(`{' '.join(command)}`). {self._describe_failure()}"
+                f"(`{' '.join(command)}`). {self.describe_failure()}"
             )
 
     def _launch(self, java: str, jars: Path) -> None:
@@ -609,20 +666,24 @@ class LocalBroker:
                 preexec_fn=_die_with_parent(),
             )
 
-    def _terminate(self, grace: float) -> None:
+    def _terminate(self, grace: float) -> bool:
+        """Stop the process; True when it had already died by itself with an error."""
         proc, self._proc = self._proc, None
         if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("the broker ignored SIGTERM for %.0f s; killing it", grace)
-                proc.kill()
-                proc.wait()
+            return False
+        if proc.poll() is not None:
+            return proc.returncode != 0
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.warning("the broker ignored SIGTERM for %.0f s; killing it", grace)
+            proc.kill()
+            proc.wait()
+        return False
 
-    def _describe_failure(self) -> str:
+    def describe_failure(self) -> str:
+        """Where the broker's log is and how it ends: the start of any post-mortem."""
         if self._workdir is None:
             return ""
         return (
@@ -648,8 +709,12 @@ def _wait_until_ready(
     deadline: float,
     describe: Callable[[], str],
     process: subprocess.Popen[bytes] | None = None,
+    cluster_id: str | None = None,
 ) -> None:
     """Poll until a metadata request lists a broker: a listening port is not yet a broker.
+
+    With ``cluster_id``, only that cluster counts: a stray broker from an earlier run that
+    still holds the port (``--port``) must not pass for the one just started.
 
     librdkafka's own log is switched off for the probe: refused connections during startup
     are expected, and a real failure is reported below with the broker's log instead.
@@ -677,9 +742,12 @@ def _wait_until_ready(
         except KafkaException as exc:
             last_error = str(exc)
             continue
-        if metadata.brokers:
+        if cluster_id is not None and metadata.cluster_id != cluster_id:
+            last_error = f"another cluster ({metadata.cluster_id}) answers on this address"
+        elif metadata.brokers:
             return
-        last_error = "metadata lists no broker yet"
+        else:
+            last_error = "metadata lists no broker yet"
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,8 +780,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    # SIGTERM (docker stop, systemd, kill) takes the same orderly path as Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGTERM (docker stop, systemd, kill) takes the same orderly path as Ctrl-C; SIGINT is set
+    # too because a shell starts background jobs with it ignored.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cluster_context: contextlib.AbstractContextManager[Cluster]
         if args.data_dir is not None or args.port is not None:
@@ -733,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             code = cluster.local.wait()
             sys.stderr.write(
-                f"the broker exited on its own with code {code}; see {cluster.local.log_path}\n"
+                f"the broker exited by itself with code {code}. "
+                f"{cluster.local.describe_failure()}\n"
             )
             return 1
     except KeyboardInterrupt:
@@ -742,7 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{exc}\n")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

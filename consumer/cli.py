@@ -88,14 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the topics without contacting a broker"
     )
 
-    broker = sub.add_parser(
+    sub.add_parser(
         "local-broker",
         help="start a local Apache Kafka broker for development (KRaft, loopback)",
         description="Start the official Apache Kafka broker on loopback (resolved once with "
         "Maven into ~/.cache/auto-trace), or use $KAFKA_BOOTSTRAP_SERVERS / a Docker engine when "
         "present; print the bootstrap servers and run until Ctrl-C.",
     )
-    broker.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -139,6 +138,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["local-broker"]:
+        # The broker has its own options and --help; hand them over untouched.
+        from consumer import broker
+
+        return broker.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -146,10 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "topics":
             return _topics_create(args)
-        if args.command == "local-broker":
-            from consumer import broker
-
-            return broker.main(args.args)
     except ConfigError as exc:
         sys.stderr.write(f"auto-trace: configuration error: {exc}\n")
         return EXIT_USAGE

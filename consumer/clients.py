@@ -19,26 +19,28 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """Tunable defaults, then ``kafka.client``, then what the guarantees require."""
     return {
+        # Batching for throughput; a stage waits for acknowledgements per consumed batch anyway.
+        "linger.ms": 5,
+        "compression.type": "lz4",
         **settings.kafka.librdkafka(),
         "enable.idempotence": True,
         "acks": "all",
-        # Batching for throughput; a stage waits for acknowledgements per consumed batch anyway.
-        "linger.ms": 5,
         "message.max.bytes": MAX_MESSAGE_BYTES + 64 * 1024,
-        "compression.type": "lz4",
         **extra,
     }
 
 
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+    """Tunable defaults, then ``kafka.client``, then what the guarantees require."""
     return {
+        "auto.commit.interval.ms": 1000,
+        "auto.offset.reset": "earliest",
         **settings.kafka.librdkafka(),
         "group.id": group,
         "enable.auto.commit": True,
-        "auto.commit.interval.ms": 1000,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
         **extra,
     }

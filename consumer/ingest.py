@@ -26,7 +26,7 @@ from consumer.metrics import Metrics
 from consumer.records import encode_trace
 from consumer.stage import BatchProducer, LoopStage, rewind_batch, store_batch
 from consumer.topics import delay_topic, ingest_dlq_topic
-from consumer.trade import project, record_key, validate_not_future
+from consumer.trade import epoch_ms, project, record_key, validate_not_future
 
 log = get_logger("ingest")
 
@@ -129,7 +129,7 @@ class IngestStage(LoopStage):
         except InputError as exc:
             self._dead_letter(out, msg, exc)
             return
-        close_ms = int(record["close_time"].timestamp() * 1000)
+        close_ms = epoch_ms(record["close_time"])
         value = encode_trace(record)
         out.produce(
             self.delay_topic,

@@ -56,6 +56,8 @@ class Received:
     method: str
     #: Path and query string.
     path: str
+    #: The client's ``host:port``: one per connection, so it shows keep-alive at work.
+    peer: str
     #: Header names lower-cased; repeated headers joined with ", ".
     headers: dict[str, str]
     body: bytes
@@ -320,6 +322,7 @@ class WebhookReceiver:
             wall_ms=wall_ms,
             method=request.method,
             path=request.path_qs,
+            peer=_peer(request),
             headers=headers,
             body=body,
             payload=payload,
@@ -341,6 +344,14 @@ class WebhookReceiver:
                 async with asyncio.timeout(reply.delay):
                     await self._stopping.wait()
         return web.Response(status=reply.status, headers=dict(reply.headers), body=reply.body)
+
+
+def _peer(request: web.Request) -> str:
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return "?"
 
 
 def _json_line(received: Received) -> str:

@@ -70,6 +70,7 @@ MAX_INTEGER_DIGITS = 28 - DECIMAL_SCALE
 #: ANG in 2025, BGN left with Bulgaria's move to the euro in 2026, XAD was added in 2025).
 #: XTS (testing) and XXX (no currency) are left out: a profit in them is not a profit.
 ISO_4217_CODES = frozenset(
+    # One code per word, as a table a reviewer can compare with the published list at a glance.
     """
     AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BHD BIF BMD BND BOB BOV BRL BSD BTN BWP
     BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN
@@ -79,7 +80,7 @@ ISO_4217_CODES = frozenset(
     PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP
     SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV
     WST XAD XAF XAG XAU XBA XBB XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XUA YER ZAR ZMW ZWG
-    """.split()
+    """.split()  # noqa: SIM905
 )
 
 #: Earliest time accepted. Every epoch-seconds value up to the year 2286 is below this when read
@@ -92,8 +93,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_REASON_CHARS = 500
 
 _Q = Decimal(1).scaleb(-DECIMAL_SCALE)
-# Quantizing a value that passed the checks is exact; trapping Inexact turns a bug into an
-# error instead of a silent rounding, whatever the thread's decimal context says.
+# Precision 28 as in the schemas. Our own context, so that the thread's decimal context (which
+# any library may change) can neither round silently nor loosen the limits.
 _EXACT = Context(prec=28, traps=[InvalidOperation, Inexact])
 # re.ASCII: \d would otherwise match any script's digits, which Decimal() accepts too.
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -104,19 +105,32 @@ _RFC3339 = re.compile(
 )
 
 
+_OWN = "auto_trace."
+
+
 def _rule(kind: str, message: str) -> PydanticCustomError:
-    # The message is a fixed text: pydantic formats it with no context, so no value gets in.
-    return PydanticCustomError(kind, message)
+    # The message is a fixed text, formatted with no context, so no value can get in; the type's
+    # prefix tells _describe that the message is one of ours and safe to pass on.
+    return PydanticCustomError(_OWN + kind, message)
 
 
 def _exact_decimal(value: Any) -> Decimal:
-    """Read a decimal without ever going through a binary float, and refuse to round."""
-    if isinstance(value, Decimal):
-        number = value
-    elif isinstance(value, str):
+    """Read a decimal without ever going through a binary float, and refuse to round.
+
+    The value is returned at the schema's scale (``1950.50`` as ``1950.50000000``, equal to it),
+    as the Avro path delivers it, so a trade reads the same whichever format it came in. One
+    quantize in a context that traps both signals checks both limits: Inexact means digits
+    beyond the scale would be rounded away, InvalidOperation means more than 28 digits in all.
+    """
+    if isinstance(value, str):
         if not _DECIMAL_TEXT.fullmatch(value):
+            # Also refuses what Decimal() alone would take: NaN, Infinity, "1_000", " 1".
             raise _rule("decimal_syntax", "not a decimal number")
         number = Decimal(value)
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise _rule("decimal_not_finite", "not a finite number (NaN or Infinity)")
+        number = value
     elif isinstance(value, int) and not isinstance(value, bool):
         number = Decimal(value)
     elif isinstance(value, float):
@@ -124,19 +138,12 @@ def _exact_decimal(value: Any) -> Decimal:
         raise _rule("decimal_float", "binary float given; send a string or an exact number")
     else:
         raise _rule("decimal_type", "expected a decimal as a string or a number")
-    if not number.is_finite():
-        raise _rule("decimal_not_finite", "not a finite number (NaN or Infinity)")
-    if not number.is_zero() and number.adjusted() >= MAX_INTEGER_DIGITS:
-        raise _rule("decimal_too_large", f"more than {MAX_INTEGER_DIGITS} integer digits")
-    if number.as_tuple().exponent < -DECIMAL_SCALE:  # type: ignore[operator]
-        # Trailing zeros beyond the scale are harmless; anything else would be rounded away.
-        try:
-            exact = number.quantize(_Q, context=_EXACT) == number
-        except (Inexact, InvalidOperation):
-            exact = False
-        if not exact:
-            raise _rule("decimal_scale", f"more than {DECIMAL_SCALE} fractional digits")
-    return number
+    try:
+        return _EXACT.quantize(number, _Q)
+    except Inexact:
+        raise _rule("decimal_scale", f"more than {DECIMAL_SCALE} fractional digits") from None
+    except InvalidOperation:
+        raise _rule("decimal_too_large", f"more than {MAX_INTEGER_DIGITS} integer digits") from None
 
 
 def _positive_decimal(value: Any) -> Decimal:
@@ -148,8 +155,10 @@ def _positive_decimal(value: Any) -> Decimal:
 
 def _utc_ms(moment: datetime) -> datetime:
     """UTC, truncated to the millisecond the Avro timestamp-millis keeps."""
-    moment = moment.astimezone(UTC)
-    return moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    below_ms = moment.microsecond % 1000
+    return moment.replace(microsecond=moment.microsecond - below_ms) if below_ms else moment
 
 
 def _timestamp(value: Any) -> datetime:
@@ -165,7 +174,8 @@ def _timestamp(value: Any) -> datetime:
         if match.group("offset") is None:
             raise _rule("time_naive", "timezone offset required")
         try:
-            moment = _utc_ms(datetime.fromisoformat(value.upper()))
+            # fromisoformat takes "Z" but not "z" nor a lower-case "t" (RFC 3339 allows both).
+            moment = _utc_ms(datetime.fromisoformat(value if value.isupper() else value.upper()))
         except ValueError:
             # fromisoformat's message quotes the input: keep ours.
             raise _rule("time_range", "not a valid date and time") from None
@@ -238,6 +248,8 @@ PublishedText = Annotated[str, PlainValidator(_published_text)]
 SignalId = Annotated[str | None, PlainValidator(_optional_signal)]
 PersonalText = Annotated[str, PlainValidator(_personal_text)]
 Currency = Annotated[str, PlainValidator(_currency)]
+Side = Literal["BUY", "SELL"]
+CloseReason = Literal["TAKE_PROFIT", "STOP_LOSS", "MANUAL", "MARGIN_CALL", "EXPIRY"]
 
 
 class TradeClosed(BaseModel):
@@ -256,7 +268,7 @@ class TradeClosed(BaseModel):
     user_name: PersonalText
     client_ip: str | None = None
     instrument: PublishedText
-    side: Literal["BUY", "SELL"]
+    side: Side
     volume: PositiveDecimal
     entry_price: ExactDecimal
     exit_price: ExactDecimal
@@ -266,9 +278,7 @@ class TradeClosed(BaseModel):
     currency: Currency
     open_time: Timestamp
     close_time: Timestamp
-    close_reason: Literal["TAKE_PROFIT", "STOP_LOSS", "MANUAL", "MARGIN_CALL", "EXPIRY"] | None = (
-        None
-    )
+    close_reason: CloseReason | None = None
     comment: str | None = None
 
     def __repr__(self) -> str:
@@ -285,6 +295,7 @@ class TradeClosed(BaseModel):
         return self
 
 
+# pydantic's own error types that can occur here, with a text known to hold no input value.
 _SAFE_MESSAGES = {
     "missing": "field required",
     "string_type": "expected a string",
@@ -303,7 +314,7 @@ def _describe(error: ValidationError) -> str:
         kind = item["type"]
         if kind in _SAFE_MESSAGES:
             message = _SAFE_MESSAGES[kind] or item["msg"]
-        elif kind.startswith(("decimal_", "time_", "string_", "uuid_", "currency_", "trade_")):
+        elif kind.startswith(_OWN):
             message = item["msg"]
         else:
             # An error type we did not write and have not vetted may quote its input: name it.
@@ -353,20 +364,21 @@ def project(trade: TradeClosed) -> dict[str, Any]:
 
     Never ``model_dump()`` followed by deletions: a field added to the contract later would
     then flow out by default. Here a field reaches the output only if it is written below.
+    Values need no conversion: validation already put decimals at the schema's scale and times
+    in UTC to the millisecond.
     """
-    quantize = _EXACT.quantize
     return {
         "event_id": trade.event_id,
         "trade_id": trade.trade_id,
         "signal_id": trade.signal_id,
         "instrument": trade.instrument,
         "side": trade.side,
-        "volume": quantize(trade.volume, _Q),
-        "entry_price": quantize(trade.entry_price, _Q),
-        "exit_price": quantize(trade.exit_price, _Q),
-        "profit_loss": quantize(trade.profit_loss, _Q),
-        "commission": quantize(trade.commission, _Q),
-        "swap": quantize(trade.swap, _Q),
+        "volume": trade.volume,
+        "entry_price": trade.entry_price,
+        "exit_price": trade.exit_price,
+        "profit_loss": trade.profit_loss,
+        "commission": trade.commission,
+        "swap": trade.swap,
         "currency": trade.currency,
         "open_time": trade.open_time,
         "close_time": trade.close_time,

@@ -148,6 +148,8 @@ class WebhookAdapter(Adapter):
         )
 
     async def start(self) -> None:
+        if self._client is not None:
+            return
         limits = httpx.Limits(
             max_connections=self._concurrency, max_keepalive_connections=self._concurrency
         )

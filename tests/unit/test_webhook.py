@@ -308,6 +308,15 @@ def test_no_error_message_quotes_a_secret_the_body_or_the_url(
         assert not [f for f in forbidden if f in text], text
 
 
+@TRANSPORTS
+def test_credentials_in_the_url_are_sent_as_basic_auth(make_settings: Any, transport: str) -> None:
+    with WebhookReceiver() as receiver:
+        url = receiver.url.replace("http://", "http://us%40er:pa55@")
+        assert run(make_settings(url), delivery(), transport=transport) == [None]
+        (got,) = receiver.received
+    assert got.headers["authorization"] == "Basic " + base64.b64encode(b"us@er:pa55").decode()
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
@@ -355,8 +364,7 @@ def test_receiver_policies_swap_and_wait_for_uses_a_deadline() -> None:
             assert client.post(receiver.url, content=b"{}").status_code == 500
             receiver.set_policy(fail_first(2, 409))
             statuses = [
-                client.post(receiver.url, headers={"webhook-id": "a"}).status_code
-                for _ in range(3)
+                client.post(receiver.url, headers={"webhook-id": "a"}).status_code for _ in range(3)
             ]
             receiver.set_policy(None)
             assert client.post(receiver.url, content=b"not json").status_code == 200
@@ -376,7 +384,7 @@ def test_receiver_policies_swap_and_wait_for_uses_a_deadline() -> None:
 def test_fail_fraction_is_reproducible() -> None:
     def outcomes() -> list[bool]:
         policy = fail_fraction(0.3, seed=42)
-        dummy = Received(1, 0.0, 0, "POST", "/", {}, b"", None, 200, None)
+        dummy = Received(1, 0.0, 0, "POST", "/", "?", {}, b"", None, 200, None)
         return [policy(dummy) is not None for _ in range(200)]
 
     first = outcomes()

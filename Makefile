@@ -1,0 +1,49 @@
+# auto-trace — every developer task is a target here. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install lint format test unit integration bench demo chaos clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install auto-trace with its development tools
+
+lint: install ## ruff (lint + format check) and mypy --strict on the package
+	$(VENV)/bin/ruff check consumer tests
+	$(VENV)/bin/ruff format --check consumer tests
+	$(VENV)/bin/mypy --strict consumer
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix consumer tests
+	$(VENV)/bin/ruff format consumer tests
+
+test: lint ## lint, then the whole test suite against a real Kafka broker (started if needed)
+	$(PY) -m consumer.broker --prefetch
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: install ## only the tests that need no broker
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install ## only the tests against the real broker
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: install ## side-by-side throughput / lateness / memory ratios (BENCH_SCALE=0.1 to shrink)
+	$(PY) -m bench
+
+demo: install ## a local broker, the pipeline, a webhook receiver and sample trades, end to end
+	$(PY) -m consumer demo
+
+clean: ## remove the virtualenv and caches (the broker jar cache in ~/.cache/auto-trace stays)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

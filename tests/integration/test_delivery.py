@@ -1,0 +1,308 @@
+"""The delivery path against the real broker and real HTTP receivers on loopback:
+T+X release, per-adapter sink workers, tiered retries and the DLQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from standardwebhooks import Webhook
+
+from consumer import headers as h
+from consumer.health import Health
+from consumer.ingest import IngestStage
+from consumer.metrics import Metrics
+from consumer.receiver import Received, Reply, WebhookReceiver, always, fail_first
+from consumer.release import ReleaseStage
+from consumer.samples import PERSONAL_FIELDS, sample_trade, to_json
+from consumer.sink import SinkWorker
+from consumer.topics import dlq_topic, retry_topics, sink_topic
+from tests.support import (
+    OTHER_SECRET,
+    WEBHOOK_SECRET,
+    create_topics,
+    header,
+    make_settings,
+    produce,
+    reader,
+    running,
+    webhook,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTO_TRACE_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _stages(settings: Any, metrics: Metrics | None = None) -> list[Any]:
+    metrics = metrics or Metrics()
+    health = Health()
+    stages: list[Any] = [IngestStage(settings, metrics, health), ReleaseStage(settings, metrics, health)]
+    stages += [SinkWorker(settings, a, metrics, health) for a in settings.enabled_adapters()]
+    return stages
+
+
+def _trades(n: int, close_ms: int | None = None, seed: int = 11) -> list[dict[str, Any]]:
+    base = now_ms() if close_ms is None else close_ms
+    return [sample_trade(i, seed=seed, close_time_ms=base + i) for i in range(n)]
+
+
+def _ids(received: list[Received]) -> set[str]:
+    return {r.payload["trade_id"] for r in received if r.status == 200}
+
+
+def test_no_record_is_ever_delivered_before_close_time_plus_window(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET) as receiver:
+        settings = make_settings(
+            bootstrap_servers, delay={"window": "2s"}, adapters=[webhook("hook", receiver.url)]
+        )
+        create_topics(settings)
+        # Close times spread over the next ~3s, so due times keep arriving while it runs.
+        start = now_ms()
+        trades = [sample_trade(i, seed=5, close_time_ms=start + i * 8) for i in range(360)]
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        with running(*_stages(settings)):
+            assert receiver.wait_for(lambda rs: len(_ids(list(rs))) >= len(trades), timeout=60)
+    close = {t["trade_id"]: int(_ms(t["close_time"])) for t in trades}
+    lateness = []
+    for r in receiver.received:
+        due = close[r.payload["trade_id"]] + 2000
+        assert r.wall_ms >= due, "delivered before close_time + window"
+        lateness.append(r.wall_ms - due)
+    lateness.sort()
+    p50 = statistics.median(lateness)
+    p99 = lateness[int(len(lateness) * 0.99) - 1]
+    print(f"\nlateness after due over {len(lateness)} deliveries: p50={p50}ms p99={p99}ms max={lateness[-1]}ms")
+    # Bounded by the poll loop, not by a schedule: generous for a shared, noisy machine.
+    assert lateness[-1] < 5000
+
+
+def _ms(rfc3339: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000
+
+
+def test_release_holds_each_partition_and_releases_in_order_when_due(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET) as receiver:
+        settings = make_settings(bootstrap_servers, delay={"window": "1500ms"}, adapters=[webhook("hook", receiver.url)])
+        create_topics(settings)
+        metrics = Metrics()
+        health = Health()
+        trades = _trades(50)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        with (
+            running(IngestStage(settings, metrics, health), ReleaseStage(settings, metrics, health)),
+            reader(bootstrap_servers, sink_topic(settings, "hook")) as out,
+        ):
+            out.read(len(trades), timeout=30)
+    for msg, seen in zip(out.messages, out.seen_at_ms, strict=True):
+        assert seen >= int(header(msg, h.DUE_MS) or 0)
+    # Per partition (= per key group) the release order is the ingest order.
+    by_partition: dict[int, list[int]] = {}
+    for msg in out.messages:
+        by_partition.setdefault(msg.partition() or 0, []).append(int(header(msg, h.CLOSE_MS) or 0))
+    assert all(v == sorted(v) for v in by_partition.values())
+    assert metrics.lateness.labels("release", "")._sum.get() >= 0
+
+
+def test_a_failing_adapter_does_not_slow_a_healthy_one(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET) as healthy, WebhookReceiver(WEBHOOK_SECRET, fail=always(503)) as down:
+        settings = make_settings(
+            bootstrap_servers,
+            adapters=[webhook("healthy", healthy.url), webhook("down", down.url)],
+            retry={"tiers": ["1s", "2s"]},
+        )
+        create_topics(settings)
+        trades = _trades(200)
+        start = time.monotonic()
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        with running(*_stages(settings)):
+            assert healthy.wait_for(len(trades), timeout=30)
+            healthy_done = time.monotonic() - start
+            assert down.wait_for(len(trades), timeout=30)  # it was tried too, and failed
+    assert _ids(healthy.received) == {t["trade_id"] for t in trades}
+    # The down adapter's retries (tiers of 1s and 2s) must not hold the healthy one back.
+    assert healthy_done < 15
+
+
+def test_a_retriable_failure_walks_the_tiers_in_order_then_reaches_the_dlq_with_every_header(
+    bootstrap_servers: str,
+) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=always(503)) as receiver:
+        settings = make_settings(
+            bootstrap_servers, adapters=[webhook("hook", receiver.url)], retry={"tiers": ["300ms", "600ms", "900ms"]}
+        )
+        create_topics(settings)
+        trade = _trades(1)[0]
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(trade))])
+        with running(*_stages(settings)), reader(bootstrap_servers, dlq_topic(settings)) as dlq:
+            dead = dlq.read(1, timeout=30)[0]
+    attempts = receiver.received
+    assert len(attempts) == 4
+    assert len({a.webhook_id for a in attempts}) == 1  # same Idempotency-Key on every attempt
+    gaps = [b.wall_ms - a.wall_ms for a, b in zip(attempts, attempts[1:], strict=False)]
+    for gap, tier in zip(gaps, (300, 600, 900), strict=True):
+        assert gap >= tier, (gaps, "a retry came sooner than its tier")
+    assert header(dead, h.ATTEMPTS) == "4"
+    assert header(dead, h.ADAPTER) == "hook"
+    assert header(dead, h.ERROR_CLASS) == "RetriableDeliveryError"
+    assert "503" in (header(dead, h.ERROR_MESSAGE) or "")
+    assert header(dead, h.ORIGIN_TOPIC) == sink_topic(settings, "hook")
+    assert header(dead, h.ORIGIN_PARTITION) is not None and header(dead, h.ORIGIN_OFFSET) == "0"
+    first, last = int(header(dead, h.FIRST_FAILURE_MS) or 0), int(header(dead, h.LAST_FAILURE_MS) or 0)
+    assert first == pytest.approx(attempts[0].wall_ms, abs=1000)
+    assert last - first >= 1800
+    assert header(dead, h.TRADE_ID) == trade["trade_id"]
+    assert header(dead, h.SOURCE_GROUP) == f"{settings.topics.prefix}-sink-hook"
+    assert dead.key() == (trade["signal_id"] or trade["trade_id"]).encode()
+
+
+def test_a_fatal_failure_goes_straight_to_the_dlq(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=always(422)) as receiver:
+        settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)])
+        create_topics(settings)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(_trades(1)[0]))])
+        with running(*_stages(settings)), reader(bootstrap_servers, dlq_topic(settings)) as dlq:
+            dead = dlq.read(1, timeout=30)[0]
+            retried = [reader_count(bootstrap_servers, t) for t in retry_topics(settings, "hook")]
+    assert receiver.count == 1
+    assert header(dead, h.ATTEMPTS) == "1"
+    assert header(dead, h.ERROR_CLASS) == "FatalDeliveryError"
+    assert retried == [0] * len(retried)
+
+
+def reader_count(bootstrap: str, topic: str) -> int:
+    with reader(bootstrap, topic) as r:
+        return len(r.drain(quiet=0.5))
+
+
+def test_retry_after_is_honoured_and_never_retried_sooner(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=fail_first(1, status=429, retry_after=3)) as receiver:
+        settings = make_settings(
+            bootstrap_servers, adapters=[webhook("hook", receiver.url)], retry={"tiers": ["200ms", "1s", "4s", "10s"]}
+        )
+        create_topics(settings)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(_trades(1)[0]))])
+        with running(*_stages(settings)):
+            assert receiver.wait_for(2, timeout=30)
+    first, second = receiver.received[:2]
+    assert first.status == 429 and second.status == 200
+    assert second.wall_ms - first.wall_ms >= 3000
+
+
+def test_signatures_verify_with_the_standard_webhooks_library_and_no_personal_value_arrives(
+    bootstrap_servers: str,
+) -> None:
+    with WebhookReceiver() as receiver:
+        settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)])
+        create_topics(settings)
+        trades = _trades(40, seed=23)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        with running(*_stages(settings)):
+            assert receiver.wait_for(len(trades), timeout=30)
+    ours, theirs = Webhook(WEBHOOK_SECRET), Webhook(OTHER_SECRET)
+    personal = [str(t[f]) for t in trades for f in PERSONAL_FIELDS if t.get(f)]
+    for r in receiver.received:
+        assert ours.verify(r.body, r.headers)["trade_id"] in {t["trade_id"] for t in trades}
+        with pytest.raises(Exception, match="signature"):
+            theirs.verify(r.body, r.headers)
+        assert r.headers["idempotency-key"] == r.headers["webhook-id"]
+        wire = r.body + repr(sorted(r.headers.items())).encode()
+        assert not [p for p in personal if p.encode() in wire]
+
+
+def test_a_sink_worker_killed_mid_delivery_loses_nothing(bootstrap_servers: str, tmp_path: Path) -> None:
+    slow = Reply(status=200, delay=0.05)
+    with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: slow) as receiver:
+        settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url, concurrency=4)])
+        create_topics(settings)
+        trades = _trades(300, seed=31)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        config = {
+            "kafka": {"bootstrap_servers": bootstrap_servers},
+            "topics": {"prefix": settings.topics.prefix},
+            "adapters": [webhook("hook", receiver.url, concurrency=4)],
+            "metrics": {"port": 0},
+            "logging": {"format": "text"},
+        }
+        path = tmp_path / "sink.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cmd = [sys.executable, "-m", "consumer", "run", "--role", "sink", "--adapter", "hook", "--config", str(path)]
+        env = {**os.environ}
+        metrics = Metrics()
+        with running(IngestStage(settings, metrics, Health()), ReleaseStage(settings, metrics, Health())):
+            kills = 0
+            for target in (40, 120, 200):
+                proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+                try:
+                    assert receiver.wait_for(target, timeout=60)
+                finally:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    kills += 1
+            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+            try:
+                assert receiver.wait_for(lambda rs: len(_ids(list(rs))) >= len(trades), timeout=90)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0
+    received = receiver.received
+    assert _ids(received) == {t["trade_id"] for t in trades}  # nothing lost
+    keys: dict[str, set[str]] = {}
+    for r in received:
+        keys.setdefault(r.payload["trade_id"], set()).add(r.headers["idempotency-key"])
+    assert all(len(k) == 1 for k in keys.values())  # duplicates carry the same key
+    dupes = sum(c - 1 for c in Counter(r.payload["trade_id"] for r in received).values())
+    print(f"\nsink SIGKILLed {kills} times: {len(trades)} trades, {dupes} duplicate deliveries")
+
+
+def test_two_workers_in_one_group_survive_a_rebalance_without_loss(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: Reply(status=200, delay=0.01)) as receiver:
+        settings = make_settings(
+            bootstrap_servers, adapters=[webhook("hook", receiver.url, concurrency=4)], topics={"partitions": 4}
+        )
+        create_topics(settings)
+        metrics = Metrics()
+        trades = _trades(400, seed=41)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        cfg = settings.adapters[0]
+        with running(IngestStage(settings, metrics, Health()), ReleaseStage(settings, metrics, Health())):
+            with running(SinkWorker(settings, cfg, metrics, Health())) as first:
+                assert receiver.wait_for(50, timeout=60)
+                with running(SinkWorker(settings, cfg, metrics, Health())):
+                    assert receiver.wait_for(200, timeout=60)
+                    first[0].close()  # leaves the group: a second rebalance
+                    assert receiver.wait_for(lambda rs: len(_ids(list(rs))) >= len(trades), timeout=60)
+    assert _ids(receiver.received) == {t["trade_id"] for t in trades}
+    assert metrics.rebalances.labels(f"sink:{cfg.name}")._value.get() >= 3
+
+
+def test_metrics_count_deliveries_retries_and_dead_letters(bootstrap_servers: str) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=fail_first(1, status=503)) as receiver:
+        settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)], retry={"tiers": ["200ms"]})
+        create_topics(settings)
+        metrics = Metrics()
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in _trades(5, seed=uuid.uuid4().int % 1000)])
+        with running(*_stages(settings, metrics)):
+            assert receiver.wait_for(lambda rs: len(_ids(list(rs))) >= 5, timeout=30)
+    assert metrics.deliveries.labels("hook", "delivered")._value.get() == 5
+    assert metrics.deliveries.labels("hook", "retry")._value.get() == 5
+    assert metrics.retries.labels("hook", "0")._value.get() == 5
