@@ -30,7 +30,7 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format consumer tests
 
 test: lint ## lint, then the whole test suite against a real Kafka broker (started if needed)
-	$(PY) -m consumer.broker --prefetch
+	$(PY) -c "from consumer.broker import ensure_broker_jars; print(ensure_broker_jars())"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install ## only the tests that need no broker

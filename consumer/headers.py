@@ -6,7 +6,7 @@ them readably. Every header here is PII-free by construction: ids, times, counts
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 # Set by ingest on every record of the delay topic; copied through release and retries.
 DUE_MS = "auto-trace-due-ms"  # close_time + window, epoch ms: never published before this

@@ -22,6 +22,7 @@ class Health:
 
     def __init__(self, stall_after_s: float = 120.0) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._beats: dict[str, float] = {}
         self._ready: dict[str, bool] = {}
         self._stall_after_s = stall_after_s
@@ -38,6 +39,12 @@ class Health:
     def set_ready(self, stage: str, ready: bool) -> None:
         with self._lock:
             self._ready[stage] = ready
+            self._changed.notify_all()
+
+    def wait_changed(self, timeout: float) -> None:
+        """Block until a readiness changes or ``timeout`` passes (for tests and start-up)."""
+        with self._changed:
+            self._changed.wait(timeout)
 
     def alive(self) -> tuple[bool, dict[str, float]]:
         now = time.monotonic()

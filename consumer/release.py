@@ -48,7 +48,7 @@ class ReleaseStage(LoopStage):
 
     def run(self, stop: threading.Event) -> None:
         consumer = DelayedConsumer(
-            make_consumer(self.settings, self.settings.delay.group),
+            make_consumer(self.settings, self.settings.delay.group, delayed=True),
             due_of=due_ms,
             on_assign=self._on_rebalance,
             on_revoke=self._on_rebalance,

@@ -96,6 +96,8 @@ class SinkWorker:
         self._consumer: DelayedConsumer | None = None
         self._producer: Producer | None = None
         self._stop_acks = threading.Event()
+        self._offsets_lock = threading.Lock()
+        self._to_store: dict[TP, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class SinkWorker:
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._producer = make_producer(self.settings)
         consumer = DelayedConsumer(
-            make_consumer(self.settings, self.group),
+            make_consumer(self.settings, self.group, delayed=True),
             due_of=_due,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
@@ -133,7 +135,7 @@ class SinkWorker:
                 self.health.beat(self.name)
                 consumer.throttle(self._in_flight >= self.max_in_flight)
                 room = max(1, min(500, self.max_in_flight - self._in_flight))
-                messages = await self._loop.run_in_executor(poller, consumer.poll_due, room, 0.5)
+                messages = await self._loop.run_in_executor(poller, self._poll, room)
                 for msg in messages:
                     self._dispatch(msg)
                 in_flight.set(self._in_flight)
@@ -166,6 +168,7 @@ class SinkWorker:
         assert self._producer is not None
         self._producer.flush(5)
         # close() runs the revoke callback, which must not block the loop thread.
+        await self._loop.run_in_executor(poller, self._store_offsets)
         await self._loop.run_in_executor(poller, consumer.close)
 
     def _serve_acks(self) -> None:
@@ -230,21 +233,42 @@ class SinkWorker:
         task.add_done_callback(finished)
 
     def _advance(self, tp: TP) -> None:
-        """Store the offset after the longest finished prefix of the partition."""
+        """Mark the offset after the longest finished prefix of the partition for storing.
+
+        Stored by the poll thread (:meth:`_store_offsets`): librdkafka's ``store_offsets``
+        blocks while another thread is inside ``poll`` (measured: each call waited for the poll
+        timeout, 24 deliveries/s), so only the poll thread touches the consumer.
+        """
         part = self._partitions.get(tp)
         if part is None:
             return
         last = None
         while part.pending and part.pending[0][1]:
             last = part.pending.popleft()[0]
-        if last is not None and self._consumer is not None:
-            try:
-                self._consumer.consumer.store_offsets(
-                    offsets=[TopicPartition(tp[0], tp[1], last + 1)]
-                )
-            except KafkaException as exc:
-                # Partition already revoked: its records will be consumed again elsewhere.
-                log.debug("offset not stored", extra={"fields": {"error": str(exc)[:100]}})
+        if last is not None:
+            with self._offsets_lock:
+                self._to_store[tp] = last + 1
+
+    def _store_offsets(self) -> None:
+        with self._offsets_lock:
+            offsets, self._to_store = self._to_store, {}
+        if not offsets or self._consumer is None:
+            return
+        assigned = self._consumer.assigned
+        keep = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in assigned]
+        if not keep:
+            return
+        try:
+            self._consumer.consumer.store_offsets(offsets=keep)
+        except KafkaException as exc:
+            # A partition revoked meanwhile: its records will be consumed again elsewhere.
+            log.debug("offsets not stored", extra={"fields": {"error": str(exc)[:100]}})
+
+    def _poll(self, room: int) -> list[Message]:
+        """Runs on the poll thread: store what finished, then fetch what is due."""
+        assert self._consumer is not None
+        self._store_offsets()
+        return self._consumer.poll_due(room, 0.2)
 
     async def _process(self, msg: Message, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -281,7 +305,7 @@ class SinkWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an adapter bug must not lose the record
-            log.error(
+            log.error(  # noqa: TRY400 - the traceback could quote record values
                 "adapter raised an unclassified error; retrying it",
                 extra={"fields": {"adapter": adapter, "exc_class": type(exc).__name__}},
             )

@@ -18,7 +18,9 @@ from consumer import headers as h
 from consumer.config import Settings, load_settings
 from consumer.topics import planned_topics
 
-WEBHOOK_SECRET = "whsec_" + "dGVzdC1zZWNyZXQtZm9yLWF1dG8tdHJhY2U="  # base64("test-secret-for-auto-trace")
+WEBHOOK_SECRET = (
+    "whsec_" + "dGVzdC1zZWNyZXQtZm9yLWF1dG8tdHJhY2U="
+)  # base64("test-secret-for-auto-trace")
 OTHER_SECRET = "whsec_" + "YW5vdGhlci1zZWNyZXQtbm90LW91cnM="
 
 
@@ -54,7 +56,9 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 def create_topics(settings: Settings, input_partitions: int = 3) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
-    topics = [NewTopic(settings.input.topic, input_partitions, 1, config={"max.message.bytes": "8388608"})]
+    topics = [
+        NewTopic(settings.input.topic, input_partitions, 1, config={"max.message.bytes": "8388608"})
+    ]
     topics += [NewTopic(s.name, s.partitions, 1, config=s.config) for s in planned_topics(settings)]
     for future in admin.create_topics(topics, operation_timeout=30).values():
         future.result(timeout=30)
@@ -91,18 +95,28 @@ class StageThread:
 
 
 @contextmanager
-def running(*stages: Any) -> Iterator[list[StageThread]]:
+def running(*stages: Any, ready_timeout: float = 60) -> Iterator[list[StageThread]]:
+    """Run stages in threads; yield once every stage has its partitions assigned."""
     threads = [StageThread(s) for s in stages]
     for t in threads:
         t.start()
     try:
+        deadline = time.monotonic() + ready_timeout
+        for t in threads:
+            health = t.stage.health
+            while not health.ready()[1].get(t.stage.name):
+                if t.error is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{t.stage.name} did not get an assignment: {t.error!r}")
+                health.wait_changed(0.1)
         yield threads
     finally:
         for t in threads:
             t.close()
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]], **conf: Any) -> None:
+def produce(
+    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]], **conf: Any
+) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, **conf})
     for key, value in records:
         producer.produce(topic, value=value, key=key)

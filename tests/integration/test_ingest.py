@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from consumer import headers as h
 from consumer.decode import ConfluentAvroDecoder
@@ -42,7 +44,9 @@ def _recent(i: int) -> dict[str, Any]:
     return sample_trade(i, seed=7, close_time_ms=NOW_MS - 60_000 + i)
 
 
-def test_json_avro_and_confluent_inputs_give_byte_identical_trace_records(bootstrap_servers: str) -> None:
+def test_json_avro_and_confluent_inputs_give_byte_identical_trace_records(
+    bootstrap_servers: str,
+) -> None:
     trades = [_recent(i) for i in range(20)]
     registry = SchemaRegistryClient.new_client({"url": f"mock://{uuid.uuid4().hex}"})
     encoders = {
@@ -52,12 +56,17 @@ def test_json_avro_and_confluent_inputs_give_byte_identical_trace_records(bootst
     }
     outputs: dict[str, dict[str, bytes]] = {}
     for fmt, encode in encoders.items():
-        extra: dict[str, Any] = {"schema_registry_url": "mock://unused"} if fmt == "avro-confluent" else {}
+        extra: dict[str, Any] = (
+            {"schema_registry_url": "mock://unused"} if fmt == "avro-confluent" else {}
+        )
         settings = make_settings(bootstrap_servers, input={"format": fmt, **extra})
         create_topics(settings)
         decoder = ConfluentAvroDecoder(registry) if fmt == "avro-confluent" else None
         produce(bootstrap_servers, settings.input.topic, [(None, encode(t)) for t in trades])
-        with running(_ingest(settings, decoder=decoder)), reader(bootstrap_servers, delay_topic(settings)) as r:
+        with (
+            running(_ingest(settings, decoder=decoder)),
+            reader(bootstrap_servers, delay_topic(settings)) as r,
+        ):
             messages = r.read(len(trades))
         outputs[fmt] = {header(m, h.TRADE_ID) or "": m.value() or b"" for m in messages}
     assert len(outputs["json"]) == len(trades)
@@ -108,7 +117,9 @@ def test_decimals_survive_exactly(bootstrap_servers: str) -> None:
     assert render_decimal(record["profit_loss"]) == "12345678901234567890.12345678"
 
 
-def test_poison_records_land_in_the_ingest_dlq_and_the_records_around_them_pass(bootstrap_servers: str) -> None:
+def test_poison_records_land_in_the_ingest_dlq_and_the_records_around_them_pass(
+    bootstrap_servers: str,
+) -> None:
     settings = make_settings(bootstrap_servers)
     create_topics(settings, input_partitions=1)
     rng = random.Random(3)
@@ -199,14 +210,19 @@ def test_no_personal_value_reaches_the_delay_topic(
     produce(bootstrap_servers, settings.input.topic, [(None, json.dumps(trade).encode())])
     msgs = out.read_until(lambda ms: any(header(m, h.TRADE_ID) == trade["trade_id"] for m in ms))
     msg = next(m for m in msgs if header(m, h.TRADE_ID) == trade["trade_id"])
-    written = (msg.value() or b"") + (msg.key() or b"") + b"".join(
-        k.encode() + (v or b"") for k, v in msg.headers() or []
+    written = (
+        (msg.value() or b"")
+        + (msg.key() or b"")
+        + b"".join(k.encode() + (v or b"") for k, v in msg.headers() or [])
     )
     for value in [*personal.values(), extra]:
         assert value.encode() not in written
     assert "\u00a7pii".encode() not in written
 
-def test_a_stage_killed_before_committing_reproduces_on_restart(bootstrap_servers: str, tmp_path: Path) -> None:
+
+def test_a_stage_killed_before_committing_reproduces_on_restart(
+    bootstrap_servers: str, tmp_path: Path
+) -> None:
     settings = make_settings(bootstrap_servers)
     create_topics(settings, input_partitions=2)
     config = {
