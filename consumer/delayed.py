@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumer.log import get_logger
+
+log = get_logger("delayed")
+
 TP = tuple[str, int]
 DueOf = Callable[[Message], int]
 
@@ -182,9 +186,16 @@ class DelayedConsumer:
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise_kafka_error(err)
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    # Transient or informational (a topic not created yet, a broker restarting):
+                    # librdkafka recovers by itself, and the stage must keep turning.
+                    log.warning(
+                        "consumer error",
+                        extra={"fields": {"code": err.name(), "retriable": err.retriable()}},
+                    )
+                continue
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp in stopped:
                 # Fetched behind a record that is not due: it will be fetched again.
@@ -222,7 +233,3 @@ class DelayedConsumer:
 
     def close(self) -> None:
         self.consumer.close()
-
-
-def raise_kafka_error(err: KafkaError) -> None:
-    raise KafkaException(err)

@@ -39,7 +39,9 @@ class _JsonFormatter(logging.Formatter):
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None) or {}
+        fields = dict(getattr(record, "fields", None) or {})
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["exc_class"] = record.exc_info[0].__name__
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         return f"{stamp} {record.levelname:<7} {record.name} {record.getMessage()} {extra}".rstrip()
