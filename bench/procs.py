@@ -73,8 +73,19 @@ class Proc:
         if profile and out_dir and Path(spy).exists():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.spy = subprocess.Popen(
-                [spy, "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200",
-                 "--nonblocking", "-o", str(Path(out_dir) / f"{name}.txt")],
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(self.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "-o",
+                    str(Path(out_dir) / f"{name}.txt"),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -125,8 +125,9 @@ class Http(asyncio.Protocol):
             del self.buf[:total]
             self.transport.write(self._answer(method, target, webhook_id, signed, length))
 
-    def _answer(self, method: bytes, target: bytes, webhook_id: bytes | None, signed: bool,
-                length: int) -> bytes:
+    def _answer(
+        self, method: bytes, target: bytes, webhook_id: bytes | None, signed: bool, length: int
+    ) -> bytes:
         if method == b"GET" and target == b"/stats":
             return _json_response(self.state.stats())
         if method == b"POST" and target.startswith(b"/reset"):

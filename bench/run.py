@@ -1,0 +1,606 @@
+"""The scenarios of ``python -m bench`` (see the package docstring for the method)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import data
+from bench.kafka import Topics, Watermarks, fast_producer, lateness_ms, preload, read_all, span
+from bench.procs import Proc, Receiver, Stage, wait_until
+from bench.report import SEED_CEILING_TRADES_PER_S, Row, render
+from consumer.broker import kafka_cluster
+from consumer.config import Settings, load_settings
+from consumer.delayed import now_ms
+from consumer.topics import delay_topic, planned_topics, sink_topic
+
+PARTITIONS = 6
+CONCURRENCY = 16
+ADAPTER = "hook"
+SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+#: Not a secret: signs benchmark deliveries to a local receiver that does not check it.
+SECRET = "whsec_YmVuY2gtc2lnbmluZy1rZXktbm90LWEtc2VjcmV0ISE="
+R3_RATE = 1000
+R3_WINDOW_S = 2
+MEM_WAIT_S = 3.0
+OUTPUT = Path(__file__).resolve().parent.parent / "bench-output"
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share * 100:.0f}%"
+
+
+@dataclass
+class Ctx:
+    bootstrap: str
+    scale: float
+    logs: Path
+    topics: Topics
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    rows: list[Row] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    pool: list[dict[str, Any]] = field(default_factory=list)
+    #: Measured rates other scenarios divide by.
+    rates: dict[str, float] = field(default_factory=dict)
+    #: R1's pre-loaded input, which R1b reads again.
+    r1_source: str = ""
+    r1_count: int = 0
+
+    def n(self, full: int, floor: int) -> int:
+        return max(floor, int(full * self.scale))
+
+    def say(self, text: str) -> None:
+        sys.stderr.write(f"[{time.monotonic() - self.started:6.1f}s] {text}\n")
+        sys.stderr.flush()
+
+    # -- configuration and topics ----------------------------------------------------------
+
+    def config(
+        self,
+        name: str,
+        *,
+        input_topic: str | None = None,
+        window: str = "0s",
+        tiers: list[str] | None = None,
+        url: str = "http://127.0.0.1:9/unused",
+    ) -> dict[str, Any]:
+        prefix = f"bench-{self.tag}-{name}"
+        return {
+            "kafka": {"bootstrap_servers": self.bootstrap},
+            "input": {"topic": input_topic or f"{prefix}.in", "group": f"{prefix}-ingest"},
+            "topics": {"prefix": prefix, "partitions": PARTITIONS},
+            "delay": {"window": window, "group": f"{prefix}-release"},
+            "retry": {"tiers": tiers or ["5s", "30s"]},
+            "adapters": [
+                {
+                    "name": ADAPTER,
+                    "type": "webhook",
+                    "url": url,
+                    "secrets": [{"env": SECRET_ENV}],
+                    "concurrency": CONCURRENCY,
+                    "timeout": "10s",
+                }
+            ],
+            "shutdown": {"grace": "10s"},
+            "logging": {"level": "INFO", "format": "json"},
+        }
+
+    def create(self, config: dict[str, Any], *, with_input: bool = False) -> Settings:
+        settings = load_settings(None, **config)
+        specs = [(s.name, s.partitions, s.config) for s in planned_topics(settings)]
+        if with_input:
+            specs.append((settings.input.topic, PARTITIONS, {}))
+        self.topics.create(specs)
+        return settings
+
+    def stage(self, name: str, role: str, config: dict[str, Any]) -> Stage:
+        proc = Stage(
+            name,
+            role,
+            config,
+            self.logs,
+            {SECRET_ENV: SECRET},
+            adapter=ADAPTER if role == "sink" else None,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def proc(self, name: str, command: list[str], *, profile: bool = True) -> Proc:
+        p = Proc(name, command, self.logs, profile=profile)
+        self.procs.append(p)
+        return p
+
+    def stop(self, *procs: Proc) -> None:
+        for p in procs:
+            p.stop()
+            if p in self.procs:
+                self.procs.remove(p)
+
+    def wait_count(self, topic: str, count: int, procs: list[Proc], timeout: float) -> None:
+        marks = Watermarks(self.bootstrap)
+        try:
+            wait_until(
+                lambda: marks.count(topic) >= count,
+                procs,
+                timeout,
+                f"{count:,} records in {topic}",
+                interval=0.2,
+            )
+        finally:
+            marks.close()
+
+    def wait_ready(self, stages: list[Stage], timeout: float = 60) -> None:
+        wait_until(lambda: all(s.ready() for s in stages), stages, timeout, "stages ready")
+
+
+@contextmanager
+def scenario(ctx: Ctx, name: str) -> Iterator[None]:
+    """A failed scenario is reported and the run goes on: the others still mean something."""
+    ctx.say(f"{name} ...")
+    try:
+        yield
+    except Exception as exc:
+        ctx.errors[name] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        ctx.say(f"{name} FAILED: {exc}")
+    finally:
+        for p in list(ctx.procs):
+            ctx.stop(p)
+
+
+# -- R1 and R1b: ingest (and release) against a plain copy -----------------------------------
+
+
+def r1(ctx: Ctx) -> None:
+    count = ctx.n(200_000, 2_000)
+    cfg = ctx.config("r1")
+    settings = ctx.create(cfg, with_input=True)
+    source = settings.input.topic
+    close_start = now_ms() - 86_400_000
+    t0 = time.monotonic()
+    preload(
+        fast_producer(ctx.bootstrap),
+        source,
+        data.trade_records(ctx.pool, count, close_start),
+    )
+    ctx.say(f"pre-loaded {count:,} trades in {time.monotonic() - t0:.1f} s")
+    sizes = [len(v) for _, v, _ in data.trade_records(ctx.pool, min(count, 5000), close_start)]
+    ctx.rates["trade_bytes"] = statistics.fmean(sizes)
+    ctx.r1_source, ctx.r1_count = source, count
+
+    copy_topic = f"bench-{ctx.tag}-r1.copy"
+    ctx.topics.create([(copy_topic, PARTITIONS, {})])
+    cfg_path = ctx.logs / "passthrough.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    timeout = 60 + count / 2000
+
+    copy = ctx.proc(
+        "passthrough",
+        [
+            sys.executable,
+            "-m",
+            "bench.passthrough",
+            "--config",
+            str(cfg_path),
+            "--source",
+            source,
+            "--target",
+            copy_topic,
+            "--group",
+            f"bench-{ctx.tag}-copy",
+        ],
+    )
+    ctx.wait_count(copy_topic, count, [copy], timeout)
+    ctx.stop(copy)
+    copied = span(ctx.bootstrap, copy_topic)
+    pass_rate = copied.rate(count)
+    ctx.rates["passthrough"] = pass_rate
+    pass_cpu = copy.cpu_share(copied.first_ms, copied.last_ms)
+    ctx.say(f"passthrough: {_fmt(pass_rate)} records/s (cpu {_pct(pass_cpu)})")
+
+    ingest = ctx.stage("r1-ingest", "ingest", cfg)
+    ctx.wait_count(delay_topic(settings), count, [ingest], timeout)
+    ctx.stop(ingest)
+    ingested = span(ctx.bootstrap, delay_topic(settings))
+    ingest_rate = ingested.rate(count)
+    ingest_cpu = ingest.cpu_share(ingested.first_ms, ingested.last_ms)
+    ctx.say(f"ingest: {_fmt(ingest_rate)} records/s (cpu {_pct(ingest_cpu)})")
+    size = ctx.rates["trade_bytes"]
+    ctx.rows.append(
+        Row(
+            "R1  ingest ÷ passthrough",
+            ingest_rate / pass_rate,
+            key="r1",
+            inputs=(
+                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}), passthrough "
+                f"{_fmt(pass_rate)}/s (cpu {_pct(pass_cpu)}); {count:,} trade.closed JSON "
+                f"records, mean {size:.0f} B, {PARTITIONS} partitions"
+            ),
+        )
+    )
+
+
+def r1b(ctx: Ctx) -> None:
+    source, count = ctx.r1_source, ctx.r1_count
+    cfg = ctx.config("r1b", input_topic=source)
+    settings = ctx.create(cfg)
+    ingest = ctx.stage("r1b-ingest", "ingest", cfg)
+    release = ctx.stage("r1b-release", "release", cfg)
+    sink = sink_topic(settings, ADAPTER)
+    ctx.wait_count(sink, count, [ingest, release], 60 + count / 1000)
+    ctx.stop(ingest, release)
+    released = span(ctx.bootstrap, sink)
+    rate = released.rate(count)
+    cpu_i = ingest.cpu_share(released.first_ms, released.last_ms)
+    cpu_r = release.cpu_share(released.first_ms, released.last_ms)
+    ctx.say(f"ingest+release: {_fmt(rate)} records/s (cpu {_pct(cpu_i)} + {_pct(cpu_r)})")
+    pass_rate = ctx.rates["passthrough"]
+    ctx.rows.append(
+        Row(
+            "R1b ingest+release ÷ passthrough",
+            rate / pass_rate,
+            key="r1b",
+            inputs=(
+                f"{_fmt(rate)}/s into the sink topic (window 0, 1 adapter; cpu ingest "
+                f"{_pct(cpu_i)}, release {_pct(cpu_r)}); same {count:,} records as R1, one "
+                "process per stage"
+            ),
+        )
+    )
+
+
+# -- R3: release lateness ---------------------------------------------------------------------
+
+
+def r3(ctx: Ctx) -> None:
+    count = ctx.n(20_000, 1_000)
+    cfg = ctx.config("r3", window=f"{R3_WINDOW_S}s")
+    settings = ctx.create(cfg, with_input=True)
+    ingest = ctx.stage("r3-ingest", "ingest", cfg)
+    release = ctx.stage("r3-release", "release", cfg)
+    ctx.wait_ready([ingest, release])
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": ctx.bootstrap, "enable.idempotence": True})
+    rng = random.Random(3)
+    start = time.monotonic()
+    i = 0
+    while i < count:
+        target = min(count, int((time.monotonic() - start) * R3_RATE) + 1)
+        while i < target:
+            t = data.trade(ctx.pool, i, now_ms(), rng)
+            producer.produce(settings.input.topic, value=data.to_json(t), key=t["trade_id"])
+            i += 1
+        producer.poll(0)
+        ingest.sample()
+        release.sample()
+        time.sleep(0.002)
+    producer.flush(30)
+    sent_s = time.monotonic() - start
+    sink = sink_topic(settings, ADAPTER)
+    ctx.wait_count(sink, count, [ingest, release], 60)
+    ctx.stop(ingest, release)
+    late = sorted(lateness_ms(m) for m in read_all(ctx.bootstrap, sink, count))
+    early = sum(1 for x in late if x < 0)
+    p50 = late[len(late) // 2]
+    p99 = late[min(len(late) - 1, int(len(late) * 0.99))]
+    worst = late[-1]
+    ctx.say(f"lateness p50 {p50} ms, p99 {p99} ms, max {worst} ms, early {early}")
+    inputs = (
+        f"{count:,} records at {count / sent_s:,.0f}/s through ingest → release, window "
+        f"{R3_WINDOW_S} s, {PARTITIONS} partitions; sink-topic append time − due header"
+    )
+    ctx.rows += [
+        Row("R3  release lateness p50", p50, "ms", key="r3_p50_ms", inputs=inputs),
+        Row("R3  release lateness p99", p99, "ms", key="r3_p99_ms"),
+        Row("R3  release lateness max", worst, "ms", key="r3_max_ms"),
+        Row("R3  released early", early, "records", key="r3_early"),
+    ]
+
+
+# -- R4 and R6: deliveries against raw HTTP clients ------------------------------------------
+
+
+def _sink_records(ctx: Ctx, count: int, seed: int) -> list[data.Record]:
+    rng = random.Random(seed)
+    close = now_ms() - 3_600_000
+    return [
+        data.trace_record(data.to_json(data.trade(ctx.pool, i, close + i, rng)))
+        for i in range(count)
+    ]
+
+
+def _deliveries(
+    ctx: Ctx, receiver: Receiver, procs: list[Proc], count: int, timeout: float
+) -> tuple[float, dict[str, Any]]:
+    wait_until(
+        lambda: receiver.stats()["ok"] >= count,
+        [*procs, receiver],
+        timeout,
+        f"{count:,} deliveries",
+        interval=0.2,
+    )
+    stats = receiver.stats()
+    seconds = max(0.001, (stats["last_ok_ms"] - stats["first_ms"]) / 1000)
+    return count / seconds, stats
+
+
+def r4(ctx: Ctx, receiver: Receiver) -> None:
+    count = ctx.n(20_000, 1_000)
+    httpx_count = ctx.n(4_000, 500)
+    cfg = ctx.config("r4", url=receiver.url)
+    settings = ctx.create(cfg)
+    records = _sink_records(ctx, count, 4)
+    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
+    bodies = [data.webhook_body(v, ADAPTER) for _, v, _ in records]
+    body_size = statistics.fmean(len(b) for _, b in bodies)
+    bodies_path = ctx.logs / "bodies.txt"
+    bodies_path.write_bytes(b"".join(i.encode() + b" " + b + b"\n" for i, b in bodies))
+
+    receiver.reset()
+    sink = ctx.stage("r4-sink", "sink", cfg)
+    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 200)
+    ctx.stop(sink)
+    cpu_s = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    cpu_rx = receiver.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    ctx.rates["sink"] = rate
+    ctx.say(f"sink: {_fmt(rate)} deliveries/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)})")
+    if stats["distinct_ok"] != count:
+        ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
+
+    raw: dict[str, tuple[float, float | None, float | None]] = {}
+    for client, n in (("aiohttp", count), ("httpx", httpx_count)):
+        receiver.reset()
+        p = ctx.proc(
+            f"raw-{client}",
+            [
+                sys.executable,
+                "-m",
+                "bench.rawhttp",
+                "--client",
+                client,
+                "--url",
+                receiver.url,
+                "--concurrency",
+                str(CONCURRENCY),
+                "--limit",
+                str(n),
+                str(bodies_path),
+            ],
+        )
+        r, st = _deliveries(ctx, receiver, [], n, 60 + n / 100)
+        p.sample()
+        raw[client] = (
+            r,
+            p.cpu_share(st["first_ms"], st["last_ok_ms"]),
+            receiver.cpu_share(st["first_ms"], st["last_ok_ms"]),
+        )
+        p.popen.wait(30)
+        ctx.stop(p)
+        ctx.say(f"raw {client}: {_fmt(r)} POSTs/s (cpu {_pct(raw[client][1])})")
+    aio, hx = raw["aiohttp"], raw["httpx"]
+    ctx.rows += [
+        Row(
+            "R4  webhook deliveries ÷ raw aiohttp",
+            rate / aio[0],
+            key="r4",
+            inputs=(
+                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}), raw "
+                f"aiohttp {_fmt(aio[0])}/s (cpu {_pct(aio[1])}, receiver {_pct(aio[2])}); "
+                f"{count:,} POSTs of {body_size:.0f} B, concurrency {CONCURRENCY}"
+            ),
+        ),
+        Row(
+            "R4  raw httpx ÷ raw aiohttp",
+            hx[0] / aio[0],
+            key="r4_httpx_vs_aiohttp",
+            inputs=(
+                f"httpx {_fmt(hx[0])}/s (cpu {_pct(hx[1])}) over {httpx_count:,} POSTs, "
+                f"concurrency {CONCURRENCY}"
+            ),
+        ),
+    ]
+
+
+def r6(ctx: Ctx, receiver: Receiver) -> None:
+    count = ctx.n(20_000, 1_000)
+    cfg = ctx.config("r6", url=receiver.url, tiers=["200ms"])
+    settings = ctx.create(cfg)
+    preload(
+        fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), _sink_records(ctx, count, 6)
+    )
+    receiver.reset(fail_first=True)
+    sink = ctx.stage("r6-sink", "sink", cfg)
+    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 100)
+    ctx.stop(sink)
+    cpu = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    ctx.say(f"retry path: {_fmt(rate)} deliveries/s (cpu {_pct(cpu)}), failed {stats['failed']}")
+    main_rate = ctx.rates["sink"]
+    ctx.rows.append(
+        Row(
+            "R6  retry-path ÷ main-path deliveries",
+            rate / main_rate,
+            key="r6",
+            inputs=(
+                f"retry path {_fmt(rate)}/s (cpu {_pct(cpu)}), main path {_fmt(main_rate)}/s; "
+                f"{count:,} records, each first attempt answered 503, tier 200ms; "
+                f"{stats['failed']:,} failed + {stats['ok']:,} ok requests"
+            ),
+        )
+    )
+
+
+# -- MEM: the release stage's peak RSS with a backlog not yet due ----------------------------
+
+
+def _release_peak(ctx: Ctx, name: str, waiting: int) -> tuple[int, float | None]:
+    cfg = ctx.config(name)
+    settings = ctx.create(cfg)
+    due = now_ms() + 3_600_000
+    rng = random.Random(9)
+    close = now_ms() - 60_000
+    distinct = [
+        data.trace_record(data.to_json(data.trade(ctx.pool, i, close + i, rng)), due_ms=due)
+        for i in range(min(waiting, 2000))
+    ]
+    t0 = time.monotonic()
+    preload(
+        fast_producer(ctx.bootstrap),
+        delay_topic(settings),
+        (distinct[i % len(distinct)] for i in range(waiting)),
+    )
+    ctx.say(f"pre-loaded {waiting:,} waiting records in {time.monotonic() - t0:.1f} s")
+    release = ctx.stage(f"{name}-release", "release", cfg)
+    wait_until(
+        lambda: release.metric("auto_trace_held_partitions") == PARTITIONS,
+        [release],
+        120,
+        "every partition held",
+        interval=0.2,
+    )
+    settle = time.monotonic() + MEM_WAIT_S
+    wait_until(lambda: time.monotonic() > settle, [release], MEM_WAIT_S + 5, "settling")
+    peak = release.peak_rss_kib()
+    cpu = release.cpu_seconds()
+    ctx.stop(release)
+    marks = Watermarks(ctx.bootstrap)
+    try:
+        early = marks.count(sink_topic(settings, ADAPTER))
+    finally:
+        marks.close()
+    if early:
+        raise RuntimeError(f"release published {early} records that were not due")
+    if peak is None:
+        raise RuntimeError("could not read the release stage's peak RSS")
+    return peak, cpu
+
+
+def mem(ctx: Ctx) -> None:
+    big, small = ctx.n(1_000_000, 10_000), ctx.n(10_000, 1_000)
+    peak_small, _ = _release_peak(ctx, "mem-small", small)
+    ctx.say(f"release peak RSS with {small:,} waiting: {peak_small / 1024:.1f} MiB")
+    peak_big, _ = _release_peak(ctx, "mem-big", big)
+    ctx.say(f"release peak RSS with {big:,} waiting: {peak_big / 1024:.1f} MiB")
+    ctx.rows.append(
+        Row(
+            "MEM release peak RSS big ÷ small",
+            peak_big / peak_small,
+            key="mem_ratio",
+            inputs=(
+                f"{peak_big / 1024:.1f} MiB with {big:,} waiting, {peak_small / 1024:.1f} MiB "
+                f"with {small:,} (due in 1 h, {PARTITIONS} partitions; VmHWM after every "
+                f"partition was held + {MEM_WAIT_S:.0f} s)"
+            ),
+        )
+    )
+
+
+# -- SEED: end to end -------------------------------------------------------------------------
+
+
+def seed(ctx: Ctx, receiver: Receiver) -> None:
+    count = ctx.n(30_000, 1_000)
+    cfg = ctx.config("e2e", url=receiver.url)
+    settings = ctx.create(cfg, with_input=True)
+    preload(
+        fast_producer(ctx.bootstrap),
+        settings.input.topic,
+        data.trade_records(ctx.pool, count, now_ms() - 3_600_000, seed=5),
+    )
+    receiver.reset()
+    stages = [ctx.stage(f"e2e-{role}", role, cfg) for role in ("ingest", "release", "sink")]
+    rate, stats = _deliveries(ctx, receiver, list(stages), count, 60 + count / 100)
+    shares = [s.cpu_share(stats["first_ms"], stats["last_ok_ms"]) for s in stages]
+    ctx.say(f"end to end: {_fmt(rate)} trades/s")
+    ctx.rows.append(
+        Row(
+            "SEED sustained trades/s end to end",
+            rate,
+            "/s",
+            key="e2e_trades_per_s",
+            inputs=(
+                f"{rate / SEED_CEILING_TRADES_PER_S:,.0f}× the original design's ceiling of "
+                f"10 trades / 5 min ({SEED_CEILING_TRADES_PER_S:.3f}/s); {count:,} pre-loaded "
+                f"trades, trade.closed → webhook 200, ingest/release/sink one process each "
+                f"(cpu {', '.join(_pct(s) for s in shares)}), window 0"
+            ),
+        )
+    )
+
+
+def run(ctx: Ctx) -> None:
+    t0 = time.monotonic()
+    ctx.pool = data.trade_pool(now_ms() - 2 * 86_400_000)
+    ctx.say(f"built {len(ctx.pool)} sample trades in {time.monotonic() - t0:.1f} s")
+    with scenario(ctx, "R1"):
+        r1(ctx)
+    if "passthrough" in ctx.rates:
+        with scenario(ctx, "R1b"):
+            r1b(ctx)
+    with scenario(ctx, "R3"):
+        r3(ctx)
+    receiver = Receiver(ctx.logs)
+    try:
+        with scenario(ctx, "R4"):
+            r4(ctx, receiver)
+        if "sink" in ctx.rates:
+            with scenario(ctx, "R6"):
+                r6(ctx, receiver)
+        with scenario(ctx, "SEED"):
+            seed(ctx, receiver)
+    finally:
+        receiver.stop()
+    with scenario(ctx, "MEM"):
+        mem(ctx)
+
+
+def main() -> int:
+    try:
+        scale = float(os.environ.get("BENCH_SCALE", "1.0"))
+    except ValueError:
+        sys.stderr.write("BENCH_SCALE must be a number (e.g. 0.1)\n")
+        return 2
+    if not scale > 0:
+        sys.stderr.write("BENCH_SCALE must be greater than 0\n")
+        return 2
+    os.environ[SECRET_ENV] = SECRET
+    if OUTPUT.exists():
+        shutil.rmtree(OUTPUT)
+    OUTPUT.mkdir(parents=True)
+    started = time.monotonic()
+    with kafka_cluster() as cluster:
+        ctx = Ctx(cluster.bootstrap_servers, scale, OUTPUT, Topics(cluster.bootstrap_servers))
+        ctx.say(f"Kafka at {cluster.bootstrap_servers} ({cluster.kind}), BENCH_SCALE={scale}")
+        try:
+            run(ctx)
+        finally:
+            for p in list(ctx.procs):
+                ctx.stop(p)
+            ctx.topics.delete_all()
+    elapsed = time.monotonic() - started
+    notes = [
+        f"BENCH_SCALE={scale}; {os.cpu_count()} CPUs; Kafka {cluster.kind} at "
+        f"{cluster.bootstrap_servers}; total {elapsed:.0f} s; logs in {OUTPUT}",
+        "cpu = share of one core used by that process over the measured interval",
+        *ctx.notes,
+    ]
+    print(render(ctx.rows, notes=notes, errors=ctx.errors))
+    return 1 if ctx.errors else 0
