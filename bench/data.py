@@ -28,6 +28,8 @@ from consumer.records import (
     to_json_bytes,
 )
 from consumer.samples import sample_trade, to_json
+
+__all__ = ["TRIMMED", "Record", "to_json", "trace_record", "trade", "trade_pool", "trade_records"]
 from consumer.trade import epoch_ms, project, record_key
 
 #: Optional fields left out of every benchmark trade.
@@ -35,8 +37,8 @@ TRIMMED = ("comment", "client_ip")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _POOL = 2000
 
-Header = tuple[str, bytes]
-Record = tuple[bytes | None, bytes, list[Header] | None]
+#: key, value, headers
+Record = tuple[bytes | None, bytes, h.Headers | None]
 
 
 def trade_pool(close_ms: int, seed: int = 7, size: int = _POOL) -> list[dict[str, Any]]:
@@ -75,7 +77,7 @@ def trace_record(raw_json: bytes, window_ms: int = 0, due_ms: int | None = None)
     record = project(validated)
     close = epoch_ms(record["close_time"])
     due = close + window_ms if due_ms is None else due_ms
-    headers: list[Header] = [
+    headers: h.Headers = [
         (h.DUE_MS, str(due).encode()),
         (h.CLOSE_MS, str(close).encode()),
         (h.TRADE_ID, record["trade_id"].encode()),

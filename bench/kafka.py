@@ -3,6 +3,7 @@ reading the broker's append times back."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,8 @@ from confluent_kafka import (
     Producer,
 )
 from confluent_kafka import TopicPartition as TP
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from consumer import headers as h
 
@@ -24,8 +26,8 @@ from consumer import headers as h
 #: record reached the topic" is read from the record itself, on the broker's one clock.
 LOG_APPEND = {"message.timestamp.type": "LogAppendTime"}
 
-Header = tuple[str, bytes]
-Record = tuple[bytes | None, bytes, list[Header] | None]
+#: key, value, headers
+Record = tuple[bytes | None, bytes, h.Headers | None]
 
 
 class Topics:
@@ -58,10 +60,8 @@ class Topics:
             return
         futures = self.admin.delete_topics(self.created, operation_timeout=60)
         for future in futures.values():
-            try:
+            with contextlib.suppress(KafkaException):
                 future.result(timeout=60)
-            except KafkaException:
-                pass
         self.created = []
 
 
@@ -173,9 +173,9 @@ def _read_at(consumer: Consumer, topic: str, offsets: dict[int, int]) -> dict[in
         if time.monotonic() > deadline:
             raise RuntimeError(f"could not read {topic} at {offsets}")
         for msg in consumer.consume(100, 0.5):
-            if msg.error() is None and msg.partition() not in found:
-                if msg.offset() == offsets[msg.partition()]:
-                    found[msg.partition()] = _append_time(msg)
+            p = msg.partition() or 0
+            if msg.error() is None and p not in found and msg.offset() == offsets[p]:
+                found[p] = _append_time(msg)
     consumer.unassign()
     return found
 

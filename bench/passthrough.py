@@ -40,7 +40,7 @@ def copy(consumer: Consumer, producer: Producer, target: str, stop: threading.Ev
                     break
                 except BufferError:
                     producer.poll(0.1)
-            last[(msg.topic(), msg.partition())] = msg.offset()
+            last[(msg.topic() or "", msg.partition() or 0)] = msg.offset() or 0
         producer.poll(0)
         if last:
             consumer.store_offsets(

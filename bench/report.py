@@ -74,7 +74,7 @@ class Row:
 
     label: str
     value: Value
-    #: Printed after the value ("ms", "/s", "×", ...).
+    #: Printed after the value ("ms", "/s", ...).
     unit: str = ""
     #: The JSON key this row's value is reported under, if any.
     key: str | None = None
@@ -140,7 +140,8 @@ def render(
         return f"{head}  {cells[4]}".rstrip()
 
     lines.append(fmt(header))
-    lines.append(fmt(tuple("-" * w for w in widths) + ("-" * 6,)))  # type: ignore[arg-type]
+    rule = ["-" * w for w in widths]
+    lines.append(fmt((rule[0], rule[1], rule[2], rule[3], "-" * 6)))
     lines += [fmt(cells) for cells in table]
     checks = check_goals(values)
     missed = [c for c in checks if not c.met]

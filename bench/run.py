@@ -306,7 +306,7 @@ def r3(ctx: Ctx) -> None:
     ctx.say(f"lateness p50 {p50} ms, p99 {p99} ms, max {worst} ms, early {early}")
     inputs = (
         f"{count:,} records at {count / sent_s:,.0f}/s through ingest → release, window "
-        f"{R3_WINDOW_S} s, {PARTITIONS} partitions; sink-topic append time − due header"
+        f"{R3_WINDOW_S} s, {PARTITIONS} partitions; sink-topic append time - due header"
     )
     ctx.rows += [
         Row("R3  release lateness p50", p50, "ms", key="r3_p50_ms", inputs=inputs),
@@ -537,7 +537,7 @@ def seed(ctx: Ctx, receiver: Receiver) -> None:
             "/s",
             key="e2e_trades_per_s",
             inputs=(
-                f"{rate / SEED_CEILING_TRADES_PER_S:,.0f}× the original design's ceiling of "
+                f"{rate / SEED_CEILING_TRADES_PER_S:,.0f} x the original design's ceiling of "
                 f"10 trades / 5 min ({SEED_CEILING_TRADES_PER_S:.3f}/s); {count:,} pre-loaded "
                 f"trades, trade.closed → webhook 200, ingest/release/sink one process each "
                 f"(cpu {', '.join(_pct(s) for s in shares)}), window 0"

@@ -109,26 +109,30 @@ def test_run_all_serves_health_and_metrics_delivers_and_exits_0_on_sigterm(
                 assert trade[field] not in stderr
 
 
-def test_topics_create_is_idempotent(bootstrap_servers: str, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = make_settings(bootstrap_servers, adapters=[webhook("a", "http://127.0.0.1:9/")])
-    os.environ.setdefault("AUTO_TRACE_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
-    config = Path(f"/tmp/{settings.topics.prefix}.yaml")
+def test_topics_create_is_idempotent(
+    bootstrap_servers: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("AUTO_TRACE_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    adapter = webhook("a", "http://127.0.0.1:9/")
+    settings = make_settings(bootstrap_servers, adapters=[adapter])
+    topics = {"prefix": settings.topics.prefix, "partitions": 2, "replication_factor": 1}
+    config = tmp_path / "auto-trace.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "kafka": {"bootstrap_servers": bootstrap_servers},
-                "topics": {"prefix": settings.topics.prefix, "partitions": 2, "replication_factor": 1},
-                "adapters": [webhook("a", "http://127.0.0.1:9/")],
+                "topics": topics,
+                "adapters": [adapter],
             }
         )
     )
-    try:
-        assert main(["topics", "create", "--config", str(config)]) == 0
-        first = capsys.readouterr().out.split()
-        assert main(["topics", "create", "--config", str(config)]) == 0
-        second = capsys.readouterr().out.split()
-    finally:
-        config.unlink()
+    assert main(["topics", "create", "--config", str(config)]) == 0
+    first = capsys.readouterr().out.split()
+    assert main(["topics", "create", "--config", str(config)]) == 0
+    second = capsys.readouterr().out.split()
     names = [s.name for s in planned_topics(settings)]
     assert first == [w for n in names for w in ("created", n)]
     assert second == [w for n in names for w in ("exists", n)]
