@@ -29,7 +29,16 @@ from consumer.records import (
 )
 from consumer.samples import sample_trade, to_json
 
-__all__ = ["TRIMMED", "Record", "to_json", "trace_record", "trade", "trade_pool", "trade_records"]
+__all__ = [
+    "TRIMMED",
+    "Record",
+    "to_json",
+    "trace_record",
+    "trade",
+    "trade_pool",
+    "trade_records",
+    "webhook_body",
+]
 from consumer.trade import epoch_ms, project, record_key
 
 #: Optional fields left out of every benchmark trade.

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 
-from consumer import __version__
+from consumer import __version__, demo
 from consumer.config import Settings, format_duration, load_settings
 from consumer.errors import ConfigError
 
@@ -30,6 +30,7 @@ configuration:
   A bad setting exits with status 2 and names the field.
 
 examples:
+  auto-trace demo
   auto-trace topics create --dry-run --config auto-trace.yaml
   auto-trace topics create --config auto-trace.yaml
   auto-trace run --role all --config auto-trace.yaml
@@ -87,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--dry-run", action="store_true", help="list the topics without contacting a broker"
     )
+
+    demo_parser = sub.add_parser(
+        "demo",
+        help="watch sample trades go through the whole pipeline on this machine",
+        description=demo.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(demo_parser)
 
     sub.add_parser(
         "local-broker",
@@ -151,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "topics":
             return _topics_create(args)
+        if args.command == "demo":
+            return demo.main(args)
     except ConfigError as exc:
         sys.stderr.write(f"auto-trace: configuration error: {exc}\n")
         return EXIT_USAGE

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -41,7 +42,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from consumer.config import format_duration, parse_duration
@@ -74,6 +74,8 @@ RECENT_EVENTS = 6
 #: Marks the end of the only section allowed to show personal data (tests split on it).
 END_OF_INPUT = "end of input: nothing below this line contains personal data"
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+#: On the input records only, to match the broker's acknowledgements to trades.
+DEMO_TRADE_HEADER = "demo-trade-id"
 
 Tone = Literal["plain", "dim", "good", "warn", "bad", "bold"]
 
@@ -96,7 +98,7 @@ def _tiers(text: str) -> list[timedelta]:
     tiers = [_duration(part) for part in text.split(",") if part.strip()]
     if not tiers or any(t <= timedelta(0) for t in tiers):
         raise argparse.ArgumentTypeError("expected increasing durations such as 2s,4s,8s")
-    if any(b <= a for a, b in zip(tiers, tiers[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(tiers)):
         raise argparse.ArgumentTypeError("tiers must be strictly increasing")
     return tiers
 
@@ -322,7 +324,9 @@ class Behaviour:
 
 ACCEPT = Behaviour("accept", 200, times=0)
 UNAVAILABLE = Behaviour("503 once, then accept", 503)
-SLOW_DOWN = Behaviour(f"429 + Retry-After: {RETRY_AFTER_S} once, then accept", 429, 1, RETRY_AFTER_S)
+SLOW_DOWN = Behaviour(
+    f"429 + Retry-After: {RETRY_AFTER_S} once, then accept", 429, 1, RETRY_AFTER_S
+)
 REJECT = Behaviour("422 every time: dead-lettered", 422, times=None)
 
 
@@ -365,7 +369,9 @@ class ScriptedPolicy:
             seen = self._attempts[trade_id] = self._attempts.get(trade_id, 0) + 1
         if behaviour.times is not None and seen > behaviour.times:
             return None
-        headers = {} if behaviour.retry_after is None else {"Retry-After": str(behaviour.retry_after)}
+        headers = (
+            {} if behaviour.retry_after is None else {"Retry-After": str(behaviour.retry_after)}
+        )
         return Reply(behaviour.status, headers)
 
 
@@ -527,6 +533,8 @@ class Observer:
         self.requests_with_personal = 0
         self.retry_records = 0
         self.early: list[tuple[str, str, int]] = []
+        #: The first body each trade was delivered with, per adapter: the report shows one.
+        self.payloads: dict[tuple[str, str], dict[str, Any]] = {}
 
     def close(self) -> None:
         self._consumer.close()
@@ -724,6 +732,8 @@ class Observer:
                 )
             )
         if 200 <= request.status < 300 and not already:
+            if isinstance(payload, dict):
+                self.payloads[(adapter, trade.trade_id)] = payload
             number = len(track.attempts)
             lateness = span(request.wall_ms - trade.due_ms)
             attempt = f" on attempt {number}" if number > 1 else ""
@@ -739,14 +749,13 @@ class Observer:
         return events
 
     def _contains_personal(self, value: bytes, headers: Any) -> bool:
-        haystack = value
+        parts = [value]
         if headers:
-            items = headers.items() if isinstance(headers, dict) else headers
-            for name, header_value in items:
-                text = header_value if isinstance(header_value, bytes) else str(header_value)
-                haystack += b"\n" + str(name).encode() + b": " + (
-                    text if isinstance(text, bytes) else text.encode()
-                )
+            for _name, header_value in headers.items() if isinstance(headers, dict) else headers:
+                if header_value is not None:
+                    raw = header_value if isinstance(header_value, bytes) else str(header_value)
+                    parts.append(raw if isinstance(raw, bytes) else raw.encode())
+        haystack = b"\n".join(parts)
         return any(p in haystack for p in self._personal)
 
 
@@ -1095,9 +1104,7 @@ class Pipeline:
 
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._handlers = {
-                sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
-            }
+            self._handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             self.runner.install_signal_handlers()
         self._thread.start()
 
@@ -1264,7 +1271,7 @@ def _with_receivers(
         try:
             took = pipeline.wait_ready(READY_TIMEOUT_S)
         except _Stopped:
-            return _finish_early(out, ctx, pipeline, None, "interrupted before the trades were sent")
+            return _finish_early(out, ctx, pipeline, "interrupted before the trades were sent")
         stages = ", ".join(s.name for s in pipeline.runner.stages)
         out.line(f"pipeline  {stages}: ready in {took:.1f} s")
         out.line(f"          stage logs: {work_dir / 'pipeline.log'}")
@@ -1287,7 +1294,7 @@ def _show_input(out: Output, trades: Sequence[Mapping[str, Any]], topic: str) ->
     out.line()
     out.line(f"input (contains personal data): {len(trades)} trades for {topic}", "bold")
     first = trades[0]
-    out.line(f"  the first one in full, as the platform publishes it (JSON):", "dim")
+    out.line("  the first one in full, as the platform publishes it (JSON):", "dim")
     width = max(len(k) for k in first)
     for key, value in first.items():
         mark = "   <- personal" if key in PERSONAL_FIELDS else ""
@@ -1327,9 +1334,7 @@ def _publish_and_watch(
     window_ms = int(args.window / timedelta(milliseconds=1))
     close = now_ms()
     # A millisecond apart so that close times, and so due times, are in publication order.
-    trades = [
-        sample_trade(i, seed=args.seed, close_time_ms=close + i) for i in range(args.trades)
-    ]
+    trades = [sample_trade(i, seed=args.seed, close_time_ms=close + i) for i in range(args.trades)]
     states = [
         TradeState(
             index=i,
@@ -1353,12 +1358,16 @@ def _publish_and_watch(
         )
         out.line()
         outcome = _watch(args, out, ctx, pipeline, observer, states)
-        return _finish(out, ctx, pipeline, observer, states, trades, outcome)
+        report = Report(ctx, pipeline, observer, states, trades, args.timeout)
+        return report.finish(out, outcome)
     finally:
         observer.close()
 
 
-def _publish(settings: Settings, trades: Sequence[dict[str, Any]], states: Sequence[TradeState]) -> int:
+def _publish(
+    settings: Settings, trades: Sequence[dict[str, Any]], states: Sequence[TradeState]
+) -> int:
+    from consumer import headers as h
     from consumer.clients import make_producer
     from consumer.samples import to_json
 
@@ -1367,7 +1376,7 @@ def _publish(settings: Settings, trades: Sequence[dict[str, Any]], states: Seque
     failures: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
-        key = h_trade_id(msg)
+        key = h.get(msg.headers(), DEMO_TRADE_HEADER) or ""
         if err is not None:
             failures.append(str(err))
         elif key in by_id:
@@ -1380,19 +1389,13 @@ def _publish(settings: Settings, trades: Sequence[dict[str, Any]], states: Seque
             value=to_json(trade),
             key=key,
             # Only to match acknowledgements to trades; ingest does not read it.
-            headers=[("demo-trade-id", str(trade["trade_id"]).encode())],
+            headers=[(DEMO_TRADE_HEADER, str(trade["trade_id"]).encode())],
             on_delivery=on_delivery,
         )
     left = producer.flush(30)
     if left or failures:
         raise DemoError(f"publishing failed: {left} unacknowledged, errors: {failures[:3]}")
     return len(trades)
-
-
-def h_trade_id(msg: Any) -> str:
-    from consumer import headers as h
-
-    return h.get(msg.headers(), "demo-trade-id") or ""
 
 
 Outcome = Literal["done", "timeout", "stopped"]
@@ -1448,7 +1451,7 @@ def _scrape_deliveries(url: str) -> dict[tuple[str, str], float]:
         r'^auto_trace_deliveries_total\{adapter="([^"]+)",outcome="([^"]+)"\} (\S+)$'
     )
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own loopback
+        with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
     except (OSError, urllib.error.URLError):
         return {}
@@ -1460,197 +1463,169 @@ def _scrape_deliveries(url: str) -> dict[tuple[str, str], float]:
     return found
 
 
-def _finish_early(
-    out: Output, ctx: Context, pipeline: Pipeline, observer: Observer | None, why: str
-) -> int:
+def _finish_early(out: Output, ctx: Context, pipeline: Pipeline, why: str) -> int:
     out.line()
     out.line(f"{why}: stopping the pipeline the way SIGTERM does…", "warn")
     took = pipeline.stop()
-    out.line(f"pipeline stopped in {took:.1f} s")
+    out.line(f"pipeline stopped in {took:.1f} s; everything the demo started is being stopped.")
     _where(out, ctx)
     return EXIT_INTERRUPTED
 
 
-def _finish(
-    out: Output,
-    ctx: Context,
-    pipeline: Pipeline,
-    observer: Observer,
-    states: Sequence[TradeState],
-    trades: Sequence[Mapping[str, Any]],
-    outcome: Outcome,
-) -> int:
-    counters = _scrape_deliveries(ctx.metrics_url) if outcome == "done" else {}
-    crashed = pipeline.failed_stages
-    if outcome == "stopped" and not crashed and pipeline.error is None:
-        return _finish_early(out, ctx, pipeline, observer, "interrupted")
-    out.line()
-    out.line("stopping the pipeline the way SIGTERM does (stop fetching, finish, commit)…", "dim")
-    took = pipeline.stop()
-    clean = pipeline.code == 0 and not pipeline.alive
-    out.line(
-        f"pipeline stopped {'cleanly' if clean else 'with errors'} in {took:.1f} s",
-        "plain" if clean else "bad",
-    )
-    _summary(out, ctx, observer, states, counters)
-    if outcome == "done":
-        _sample(out, observer, states, trades, ctx)
-    _where(out, ctx)
-    problems = []
-    if outcome == "timeout":
-        pending = [s for s in states if not s.settled]
-        problems.append(
-            f"timed out: {len(pending)} of {len(states)} trades not settled after "
-            f"{format_duration(timedelta(seconds=round(_timeout_s(ctx), 3)))}"
-            f" ({', '.join(s.trade_id for s in pending[:5])}{'…' if len(pending) > 5 else ''})"
+class Report:
+    """Stops the pipeline and tells what happened, judged against the service's promises."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        pipeline: Pipeline,
+        observer: Observer,
+        states: Sequence[TradeState],
+        trades: Sequence[Mapping[str, Any]],
+        timeout: timedelta,
+    ) -> None:
+        self.ctx = ctx
+        self.pipeline = pipeline
+        self.observer = observer
+        self.states = states
+        self.trades = trades
+        self.timeout = timeout
+
+    def finish(self, out: Output, outcome: Outcome) -> int:
+        pipeline = self.pipeline
+        crashed = pipeline.failed_stages or pipeline.error is not None
+        if outcome == "stopped" and not crashed:
+            return _finish_early(out, self.ctx, pipeline, "interrupted")
+        # Read while the pipeline still serves it: the endpoint goes away with the runner.
+        counters = _scrape_deliveries(self.ctx.metrics_url)
+        out.line()
+        out.line("stopping the pipeline the way SIGTERM does (stop fetching, finish, commit)…")
+        took = pipeline.stop()
+        clean = pipeline.code == 0 and not pipeline.alive
+        out.line(
+            f"pipeline stopped {'cleanly' if clean else 'with errors'} in {took:.1f} s",
+            "plain" if clean else "bad",
         )
-    if crashed or pipeline.error is not None:
-        what = ", ".join(crashed) or repr(pipeline.error)
-        problems.append(f"the pipeline failed ({what}); see {ctx.work_dir / 'pipeline.log'}")
-    rejected = [s.trade_id for s in states if s.rejected]
-    if rejected:
-        problems.append(f"ingest rejected {len(rejected)} trades: {', '.join(rejected)}")
-    if observer.early or observer.requests_with_personal or observer.records_with_personal:
-        problems.append("a promise was broken: see the summary above")
-    if not clean:
-        problems.append(f"the pipeline did not stop cleanly; see {ctx.work_dir / 'pipeline.log'}")
-    out.line()
-    if problems:
+        self.summary(out, counters)
+        if outcome == "done":
+            self.sample(out)
+        _where(out, self.ctx)
+        problems = self.problems(outcome, clean)
+        out.line()
         for problem in problems:
             out.line(f"demo failed: {problem}", "bad")
-        return EXIT_FAILED
-    out.line("demo finished: every promise held.", "good")
-    return EXIT_OK
+        if problems:
+            return EXIT_FAILED
+        out.line("demo finished: every trade settled and every promise held.", "good")
+        return EXIT_OK
 
-
-_TIMEOUT_S: dict[str, float] = {}
-
-
-def _timeout_s(ctx: Context) -> float:
-    return _TIMEOUT_S.get(ctx.settings.topics.prefix, 0.0)
-
-
-def _summary(
-    out: Output,
-    ctx: Context,
-    observer: Observer,
-    states: Sequence[TradeState],
-    counters: Mapping[tuple[str, str], float],
-) -> None:
-    n = len(states)
-    settings = ctx.settings
-    window = format_duration(settings.delay.window)
-    out.line()
-    out.line("summary", "bold")
-    delivered = {
-        a: sum(1 for s in states if s.tracks[a].delivered() is not None) for a in ADAPTERS
-    }
-    out.line(f"  published                {n} trades to {settings.input.topic}")
-    out.line(
-        "  delivered                "
-        + ", ".join(f"{a} {delivered[a]}/{n}" for a in ADAPTERS),
-        "good" if delivered[HEALTHY] == n else "bad",
-    )
-    retried = sorted(
-        {(a, s.trade_id) for s in states for a in ADAPTERS if s.tracks[a].retries}
-    )
-    reasons: dict[str, int] = {}
-    for s in states:
-        for a in ADAPTERS:
-            for r in s.tracks[a].retries:
-                label = r.error + (" + Retry-After" if r.skipped else "")
-                reasons[label] = reasons.get(label, 0) + 1
-    reason_text = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items()))
-    out.line(
-        f"  retried                  {observer.retry_records} retries of {len(retried)} trades"
-        + (f" ({reason_text})" if reason_text else "")
-    )
-    dead = [(a, s) for s in states for a in ADAPTERS if s.tracks[a].dead is not None]
-    dead_text = "; ".join(
-        f"{a}: {s.trade_id} {s.tracks[a].dead.error}"  # type: ignore[union-attr]
-        for a, s in dead
-    )
-    out.line(f"  dead-lettered            {len(dead)}" + (f" ({dead_text})" if dead else ""))
-    early = len(observer.early)
-    out.line(
-        f"  early deliveries         {early} "
-        f"(requests that reached a receiver before close_time + {window})",
-        "good" if early == 0 else "bad",
-    )
-    firsts = [
-        t.attempts[0].at_ms - s.due_ms for s in states for t in s.tracks.values() if t.attempts
-    ]
-    releases = [
-        t.released_ms - s.due_ms
-        for s in states
-        for t in s.tracks.values()
-        if t.released_ms is not None
-    ]
-    if firsts:
-        out.line(
-            f"  lateness after due       p50 {span(statistics.median(firsts))}, "
-            f"max {span(max(firsts))} (first delivery attempts, {len(firsts)} requests)"
-        )
-    if releases:
-        out.line(
-            f"                           p50 {span(statistics.median(releases))}, "
-            f"max {span(max(releases))} (release to the sink topics)"
-        )
-    requests = [a for s in states for t in s.tracks.values() for a in t.attempts]
-    verified = sum(1 for a in requests if a.verified)
-    out.line(f"  signatures               {verified}/{len(requests)} requests verified")
-    if counters:
-        by_adapter = "; ".join(
-            f"{a}: "
-            + ", ".join(
-                f"{outcome} {value:.0f}"
-                for (adapter, outcome), value in sorted(counters.items())
-                if adapter == a
+    def problems(self, outcome: Outcome, clean: bool) -> list[str]:
+        log_path = self.ctx.work_dir / "pipeline.log"
+        problems = []
+        if outcome == "timeout":
+            pending = [s.trade_id for s in self.states if not s.settled]
+            listed = ", ".join(pending[:5]) + ("…" if len(pending) > 5 else "")
+            problems.append(
+                f"timed out: {len(pending)} of {len(self.states)} trades not settled "
+                f"{format_duration(self.timeout)} after publishing ({listed}); see {log_path}"
             )
-            for a in ADAPTERS
+        failed = self.pipeline.failed_stages
+        if failed or self.pipeline.error is not None:
+            what = ", ".join(failed) or repr(self.pipeline.error)
+            problems.append(f"the pipeline failed ({what}); see {log_path}")
+        elif not clean:
+            problems.append(f"the pipeline did not stop cleanly; see {log_path}")
+        rejected = [s.trade_id for s in self.states if s.rejected]
+        if rejected:
+            problems.append(f"ingest rejected {len(rejected)} trades: {', '.join(rejected)}")
+        observer = self.observer
+        if observer.early or observer.requests_with_personal or observer.records_with_personal:
+            problems.append("a promise was broken: see the summary above")
+        return problems
+
+    def summary(self, out: Output, counters: Mapping[tuple[str, str], float]) -> None:
+        states, observer, settings = self.states, self.observer, self.ctx.settings
+        n = len(states)
+        tracks = [(a, s, s.tracks[a]) for s in states for a in ADAPTERS]
+        out.line()
+        out.line("summary", "bold")
+        out.line(f"  published                {n} trades to {settings.input.topic}")
+        delivered = {a: sum(1 for b, _s, t in tracks if b == a and t.delivered()) for a in ADAPTERS}
+        out.line(
+            "  delivered                " + ", ".join(f"{a} {delivered[a]}/{n}" for a in ADAPTERS),
+            "good" if delivered[HEALTHY] == n else "bad",
         )
-        out.line(f"  metrics endpoint says    auto_trace_deliveries_total {by_adapter}")
-    out.line(
-        f"  personal fields found at the receivers: {observer.requests_with_personal} "
-        f"(checked {observer.requests_checked} requests, bodies and headers)",
-        "good" if observer.requests_with_personal == 0 else "bad",
-    )
-    out.line(
-        f"  personal fields found in the internal topics: {observer.records_with_personal} "
-        f"(checked {observer.records_checked} records of the delay, sink, retry and DLQ topics)",
-        "good" if observer.records_with_personal == 0 else "bad",
-    )
+        reasons: dict[str, int] = {}
+        for _a, _s, track in tracks:
+            for retry in track.retries:
+                label = retry.error + (" + Retry-After" if retry.skipped else "")
+                reasons[label] = reasons.get(label, 0) + 1
+        retried = sum(1 for _a, _s, t in tracks if t.retries)
+        why = ", ".join(f"{k} x{v}" for k, v in sorted(reasons.items()))
+        out.line(
+            f"  retried                  {observer.retry_records} retries of {retried} trades"
+            + (f" ({why})" if why else "")
+        )
+        dead = [f"{a}: {s.trade_id} {t.dead.error}" for a, s, t in tracks if t.dead is not None]
+        out.line(
+            f"  dead-lettered            {len(dead)}" + (f" ({'; '.join(dead)})" if dead else "")
+        )
+        early = len(observer.early)
+        out.line(
+            f"  early deliveries         {early} (requests that reached a receiver before "
+            f"close_time + {format_duration(settings.delay.window)})",
+            "good" if early == 0 else "bad",
+        )
+        firsts = [t.attempts[0].at_ms - s.due_ms for _a, s, t in tracks if t.attempts]
+        releases = [t.released_ms - s.due_ms for _a, s, t in tracks if t.released_ms is not None]
+        if firsts:
+            out.line(
+                f"  lateness after due       p50 {span(statistics.median(firsts))}, "
+                f"max {span(max(firsts))} (first delivery attempts, {len(firsts)} requests)"
+            )
+        if releases:
+            out.line(
+                f"                           p50 {span(statistics.median(releases))}, "
+                f"max {span(max(releases))} (release to the sink topics)"
+            )
+        requests = [a for _a, _s, t in tracks for a in t.attempts]
+        verified = sum(1 for a in requests if a.verified)
+        out.line(f"  signatures               {verified}/{len(requests)} requests verified")
+        if counters:
+            per_adapter = "; ".join(
+                f"{a} "
+                + ", ".join(f"{o} {v:.0f}" for (b, o), v in sorted(counters.items()) if b == a)
+                for a in ADAPTERS
+            )
+            out.line(f"  metrics endpoint says    auto_trace_deliveries_total: {per_adapter}")
+        out.line(
+            f"  personal fields found at the receivers: {observer.requests_with_personal} "
+            f"(checked {observer.requests_checked} requests, bodies and headers)",
+            "good" if observer.requests_with_personal == 0 else "bad",
+        )
+        out.line(
+            f"  personal fields found in the internal topics: {observer.records_with_personal} "
+            f"(checked {observer.records_checked} records: delay, sink, retry and DLQ topics)",
+            "good" if observer.records_with_personal == 0 else "bad",
+        )
 
+    def sample(self, out: Output) -> None:
+        """One record as the tracker got it, to compare with the input shown at the start."""
+        from consumer.samples import PERSONAL_FIELDS
 
-def _sample(
-    out: Output,
-    observer: Observer,
-    states: Sequence[TradeState],
-    trades: Sequence[Mapping[str, Any]],
-    ctx: Context,
-) -> None:
-    """One record as the tracker got it, next to the input shown at the start."""
-    from consumer.samples import PERSONAL_FIELDS
-
-    del observer, ctx
-    first = states[0]
-    out.line()
-    out.line(f"what {HEALTHY} received for {first.trade_id} (signed, no personal fields):", "bold")
-    payload = _payload_of(first.trade_id)
-    if payload is None:
-        return
-    width = max(len(k) for k in payload)
-    for key, value in payload.items():
-        out.line(f"    {key:<{width}}  {json.dumps(value, ensure_ascii=False)}")
-    missing = [f for f in PERSONAL_FIELDS if f in trades[0]]
-    out.line(f"    not sent: {', '.join(missing)}", "dim")
-
-
-_PAYLOADS: dict[str, dict[str, Any]] = {}
-
-
-def _payload_of(trade_id: str) -> dict[str, Any] | None:
-    return _PAYLOADS.get(trade_id)
+        first = self.states[0]
+        payload = self.observer.payloads.get((HEALTHY, first.trade_id))
+        if payload is None:
+            return
+        out.line()
+        out.line(
+            f"what {HEALTHY} received for {first.trade_id} (signed, no personal data):", "bold"
+        )
+        width = max(len(k) for k in payload)
+        for key, value in payload.items():
+            out.line(f"    {key:<{width}}  {json.dumps(value, ensure_ascii=False)}")
+        absent = [f for f in PERSONAL_FIELDS if f in self.trades[0] and f not in payload]
+        out.line(f"    not sent: {', '.join(absent)}", "dim")
 
 
 def _where(out: Output, ctx: Context) -> None:
@@ -1667,16 +1642,14 @@ def _where(out: Output, ctx: Context) -> None:
         )
     else:
         out.line("  broker log         not managed by the demo (it did not start the broker)")
+    tiers = ",".join(format_duration(t) for t in settings.retry.tiers)
     groups = [
         ("input", [settings.input.topic]),
         ("delay", [f"{prefix}.delay"]),
         ("sink", [f"{prefix}.sink.{a}" for a in ADAPTERS]),
         (
             "retry",
-            [
-                f"{prefix}.retry.{a}.{{{','.join(format_duration(t) for t in settings.retry.tiers)}}}"
-                for a in ADAPTERS
-            ],
+            [f"{prefix}.retry.{a}.{{{tiers}}}" for a in ADAPTERS],
         ),
         ("dlq", [f"{prefix}.dlq"]),
         ("ingest dlq", [f"{prefix}.dlq.ingest (raw input: personal data)"]),
@@ -1695,8 +1668,6 @@ def _where(out: Output, ctx: Context) -> None:
     out.line("run it against a real cluster", "bold")
     if ctx.config_out is None:
         out.line("  auto-trace demo --config-out auto-trace.yaml   # a starting configuration")
-    out.line(
-        f"  edit {example}: kafka.bootstrap_servers, the adapters; export ${SECRET_ENV}"
-    )
+    out.line(f"  edit {example}: kafka.bootstrap_servers, the adapters; export ${SECRET_ENV}")
     out.line(f"  auto-trace topics create --config {example}")
     out.line(f"  auto-trace run --role all --config {example}")

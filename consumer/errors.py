@@ -7,6 +7,8 @@
     │   └── InvalidRecord           the record decodes but breaks the trade.closed contract
     └── DeliveryError               an adapter could not deliver a record (→ retry tier or DLQ)
         ├── RetriableDeliveryError  may work later (timeouts, 5xx, 429, ...); carries retry_after
+        │   └── AdapterUnavailable  the whole adapter is down (credentials rejected, ...): the
+        │                           engine pauses the adapter instead of retrying the record
         └── FatalDeliveryError      will never work for this record (4xx about the record, ...)
 
 Adapters raise a ``DeliveryError`` subclass and nothing else: foreign exceptions (httpx, boto3,
@@ -64,6 +66,10 @@ class RetriableDeliveryError(DeliveryError):
     """The delivery may succeed later: walk the retry tiers."""
 
     retriable = True
+
+
+class AdapterUnavailable(RetriableDeliveryError):
+    """Every delivery through this adapter would fail now; no record is to blame."""
 
 
 class FatalDeliveryError(DeliveryError):

@@ -374,3 +374,26 @@ def test_metrics_count_deliveries_retries_and_dead_letters(bootstrap_servers: st
     assert metrics.deliveries.labels("hook", "delivered")._value.get() == 5
     assert metrics.deliveries.labels("hook", "retry")._value.get() == 5
     assert metrics.retries.labels("hook", "0")._value.get() == 5
+
+
+def test_records_of_one_key_arrive_in_order_while_different_keys_run_concurrently(
+    bootstrap_servers: str,
+) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: Reply(status=200, delay=0.02)) as receiver:
+        settings = make_settings(
+            bootstrap_servers, adapters=[webhook("hook", receiver.url, concurrency=8)]
+        )
+        create_topics(settings)
+        base = now_ms() - 60_000
+        trades = [sample_trade(i, seed=51, close_time_ms=base + i) for i in range(240)]
+        for i, trade in enumerate(trades):
+            trade["signal_id"] = f"sig-{i % 6}"
+        produce(bootstrap_servers, settings.input.topic, [(_key(t), to_json(t)) for t in trades])
+        with running(*_stages(settings)):
+            assert receiver.wait_for(len(trades), timeout=60)
+    by_signal: dict[str, list[str]] = {}
+    for r in receiver.received:
+        by_signal.setdefault(r.payload["signal_id"], []).append(r.payload["close_time"])
+    assert len(by_signal) == 6
+    assert all(times == sorted(times) for times in by_signal.values())
+    assert len({r.peer for r in receiver.received}) > 1  # several connections: concurrent keys

@@ -1,0 +1,157 @@
+"""The delayed-topic consumer's bookkeeping, with a fake librdkafka consumer at the edge.
+
+The real broker behaviour (pause, seek, resume, rebalances) is proven in the integration tests;
+these pin down the rules: what is handed out, when a partition is held and for how long the
+loop may block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from consumer.delayed import DelayedConsumer
+
+
+@dataclass
+class FakeMessage:
+    _topic: str
+    _partition: int
+    _offset: int
+    due: int
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+
+@dataclass
+class FakeConsumer:
+    """Serves a fixed log per partition from a position, honouring pause and seek."""
+
+    log: dict[tuple[str, int], list[FakeMessage]]
+    position: dict[tuple[str, int], int] = field(default_factory=dict)
+    paused: set[tuple[str, int]] = field(default_factory=set)
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def assign_all(self) -> None:
+        parts = [TopicPartition(t, p) for t, p in self.log]
+        self.callbacks["on_assign"](self, parts)
+
+    def revoke(self, tps: list[tuple[str, int]]) -> None:
+        self.callbacks["on_revoke"](self, [TopicPartition(t, p) for t, p in tps])
+
+    def _available(self, limit: int) -> list[FakeMessage]:
+        out = []
+        for tp, msgs in self.log.items():
+            if tp in self.paused:
+                continue
+            pos = self.position.get(tp, 0)
+            out += msgs[pos:]
+            self.position[tp] = len(msgs)
+        return out[:limit]
+
+    def consume(self, num: int, timeout: float) -> list[FakeMessage]:
+        self.calls.append(("consume", timeout))
+        return self._available(num)
+
+    def poll(self, timeout: float) -> FakeMessage | None:
+        self.calls.append(("poll", timeout))
+        got = self._available(1)
+        return got[0] if got else None
+
+    def pause(self, parts: list[TopicPartition]) -> None:
+        self.paused.update((p.topic, p.partition) for p in parts)
+
+    def resume(self, parts: list[TopicPartition]) -> None:
+        self.paused.difference_update((p.topic, p.partition) for p in parts)
+        self.calls.append(("resume", [(p.topic, p.partition) for p in parts]))
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.position[(tp.topic, tp.partition)] = tp.offset
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        self.calls.append(("wake", (tp.topic, tp.partition)))
+        return 0, 0
+
+
+def _setup(dues: dict[int, list[int]], now: list[int]) -> tuple[DelayedConsumer, FakeConsumer]:
+    log = {
+        ("t", p): [FakeMessage("t", p, i, d) for i, d in enumerate(ds)] for p, ds in dues.items()
+    }
+    fake = FakeConsumer(log)
+    delayed = DelayedConsumer(fake, due_of=lambda m: m.due, clock=lambda: now[0], max_poll_s=1.0)  # type: ignore[arg-type]
+    delayed.subscribe(["t"])
+    fake.assign_all()
+    return delayed, fake
+
+
+def test_records_are_handed_out_only_when_due_and_the_partition_is_held_at_its_head() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [900, 1500, 1600], 1: [950]}, now)
+    out = delayed.poll_due(10)
+    assert [(m.partition(), m.offset()) for m in out] == [(0, 0), (1, 0)]
+    assert delayed.held() == {("t", 0): 1500}
+    assert ("t", 0) in fake.paused and fake.position[("t", 0)] == 1  # rewound to the head
+    assert delayed.poll_due(10) == []  # nothing due: nothing handed out, nothing buffered
+    now[0] = 1500
+    assert [m.offset() for m in delayed.poll_due(10)] == [1]
+    assert ("resume", [("t", 0)]) in fake.calls and ("wake", ("t", 0)) in fake.calls
+    assert delayed.held() == {("t", 0): 1600}
+
+
+def test_the_poll_timeout_never_exceeds_the_time_to_the_next_due_partition() -> None:
+    now = [1000]
+    delayed, _ = _setup({0: [1250], 1: [1800]}, now)
+    delayed.poll_due(10)
+    assert delayed.poll_timeout(1000) == 0.25
+    assert delayed.poll_timeout(1300) == 0.0
+    assert delayed.poll_timeout(1000 - 5000) == 1.0  # capped by max_poll_s
+
+
+def test_a_revoked_partition_forgets_its_hold() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [5000], 1: [6000]}, now)
+    delayed.poll_due(10)
+    assert set(delayed.held()) == {("t", 0), ("t", 1)}
+    fake.revoke([("t", 0)])
+    assert set(delayed.held()) == {("t", 1)}
+    assert delayed.assigned == {("t", 1)}
+
+
+def test_memory_does_not_grow_with_the_backlog() -> None:
+    """A held partition keeps one entry whatever waits behind its head."""
+    now = [0]
+    delayed, _ = _setup({0: list(range(10_000, 20_000)), 1: list(range(10_000, 20_000))}, now)
+    assert delayed.poll_due(50_000) == []
+    assert len(delayed.held()) == 2
+
+
+def test_records_behind_a_held_head_in_the_same_batch_are_not_handed_out() -> None:
+    now = [1000]
+    delayed, _ = _setup({0: [900, 2000, 950]}, now)  # the third is due but behind the second
+    assert [m.offset() for m in delayed.poll_due(10)] == [0]
+
+
+def test_throttling_pauses_everything_and_keeps_holds() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [5000], 1: [900]}, now)
+    delayed.poll_due(10)
+    delayed.throttle(True)
+    assert fake.paused == {("t", 0), ("t", 1)}
+    delayed.throttle(False)
+    assert fake.paused == {("t", 0)}  # still held: not due
