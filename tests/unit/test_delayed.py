@@ -84,7 +84,9 @@ class FakeConsumer:
     def seek(self, tp: TopicPartition) -> None:
         self.position[(tp.topic, tp.partition)] = tp.offset
 
-    def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float, cached: bool
+    ) -> tuple[int, int]:
         self.calls.append(("wake", (tp.topic, tp.partition)))
         return 0, 0
 
