@@ -197,6 +197,17 @@ class RetrySettings(_Section):
         return tiers
 
 
+class CircuitSettings(_Section):
+    """When failures are adapter-wide, pause the adapter instead of walking every record
+    through the retry tiers into the DLQ."""
+
+    #: Consecutive retriable failures (of different records) that open the circuit.
+    failure_threshold: int = Field(default=5, ge=1)
+    #: First wait before a probe; doubles after each failed probe up to max_probe_interval.
+    probe_interval: Duration = timedelta(seconds=5)
+    max_probe_interval: Duration = timedelta(minutes=5)
+
+
 class _AdapterBase(_Section):
     #: Names the adapter's topics and consumer group: lower case, digits, '-' and '_'.
     name: str = Field(pattern=_NAME)
@@ -206,6 +217,7 @@ class _AdapterBase(_Section):
     concurrency: int = Field(default=16, ge=1, le=1024)
     #: Timeout of one delivery call.
     timeout: Duration = timedelta(seconds=10)
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings)
 
 
 class WebhookAdapterSettings(_AdapterBase):
@@ -218,13 +230,24 @@ class WebhookAdapterSettings(_AdapterBase):
 
 
 class TrackerAdapterSettings(_AdapterBase):
+    """A tracker's session API (Myfxbook style); see :mod:`consumer.adapters.tracker`."""
+
     type: Literal["tracker"]
-    base_url: str = Field(pattern=r"^https?://")
+    #: Prefix of every call, e.g. ``https://tracker.example/api``; no credentials, query or
+    #: fragment (those belong in ``email``/``password``, which are never logged).
+    base_url: str = Field(pattern=r"^https?://[^/?#@\s]+(/[^?#\s]*)?$")
+    #: The account's login name, read at start-up (it identifies a person: never logged).
     email: SecretRef
+    #: The account's password, read at start-up.
     password: SecretRef
-    login_path: str = "/login.json"
-    post_path: str = "/add-trade.json"
-    logout_path: str = "/logout.json"
+    #: ``GET <base_url><login_path>?email=...&password=...`` answers the session.
+    login_path: str = Field(default="/login.json", pattern=r"^/[^?#\s]*$")
+    #: ``POST <base_url><post_path>?<session_param>=...`` with one trade as a JSON body.
+    post_path: str = Field(default="/add-trade.json", pattern=r"^/[^?#\s]*$")
+    #: ``GET <base_url><logout_path>?<session_param>=...``, called once on shutdown.
+    logout_path: str = Field(default="/logout.json", pattern=r"^/[^?#\s]*$")
+    #: Name of the query parameter carrying the session token (``session`` for Myfxbook).
+    session_param: str = Field(default="session", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class FileAdapterSettings(_AdapterBase):

@@ -44,7 +44,8 @@ class Metrics:
         )
         self.deliveries = Counter(
             "auto_trace_deliveries_total",
-            "Delivery attempts by adapter and outcome (delivered, retry, dead_letter)",
+            "Delivery attempts by adapter and outcome (delivered, retry, dead_letter, "
+            "adapter_down: an adapter-wide failure held while the circuit is open)",
             ["adapter", "outcome"],
             registry=r,
         )
@@ -91,6 +92,12 @@ class Metrics:
         self.in_flight = Gauge(
             "auto_trace_in_flight_deliveries",
             "Records taken by a sink worker whose outcome is not yet final",
+            ["adapter"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "auto_trace_circuit_state",
+            "Circuit breaker of an adapter: 0 closed, 1 half-open (probing), 2 open (paused)",
             ["adapter"],
             registry=r,
         )

@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from consumer import headers as h
 from consumer.adapters import Adapter, Delivery, build_adapter
+from consumer.circuit import STATE_VALUE, CircuitBreaker
 from consumer.clients import make_consumer, make_producer
 from consumer.config import AdapterSettings, Settings
 from consumer.delayed import TP, DelayedConsumer, now_ms
@@ -96,6 +97,12 @@ class SinkWorker:
         self._consumer: DelayedConsumer | None = None
         self._producer: Producer | None = None
         self._stop_acks = threading.Event()
+        circuit_gauge = metrics.circuit_state.labels(adapter_settings.name)
+        self.breaker = CircuitBreaker(
+            adapter_settings.name,
+            adapter_settings.circuit,
+            on_change=lambda state: circuit_gauge.set(STATE_VALUE[state]),
+        )
         self._offsets_lock = threading.Lock()
         self._to_store: dict[TP, int] = {}
 
@@ -133,7 +140,7 @@ class SinkWorker:
         try:
             while not stop.is_set():
                 self.health.beat(self.name)
-                consumer.throttle(self._in_flight >= self.max_in_flight)
+                consumer.throttle(self._in_flight >= self.max_in_flight or not self.breaker.closed)
                 room = max(1, min(500, self.max_in_flight - self._in_flight))
                 messages = await self._loop.run_in_executor(poller, self._poll, room)
                 for msg in messages:
@@ -275,10 +282,23 @@ class SinkWorker:
             # Same key: strictly after the earlier record, whatever its outcome.
             await asyncio.wait([previous])
         assert self._sem is not None
-        async with self._sem:
-            error = await self._attempt(msg)
-        if error is not None:
+        while True:
+            # While the circuit is open, wait here, outside the concurrency limit, so the one
+            # probe can always get a slot.
+            probe = await self.breaker.admit() if not self.breaker.closed else False
+            async with self._sem:
+                error = await self._attempt(msg)
+            if error is None:
+                await self.breaker.success(probe)
+                return
+            if not isinstance(error, UndecodableRecord) and await self.breaker.failure(
+                error, probe
+            ):
+                # Adapter-wide: the record is not to blame; it waits for the circuit to close.
+                self.metrics.deliveries.labels(self.cfg.name, "adapter_down").inc()
+                continue
             await self._settle(msg, error)
+            return
 
     async def _attempt(self, msg: Message) -> DeliveryError | None:
         headers = msg.headers()
