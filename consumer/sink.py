@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from consumer import headers as h
 from consumer.adapters import Adapter, Delivery, build_adapter
+from consumer.adapters.base import BatchAdapter
 from consumer.circuit import STATE_VALUE, CircuitBreaker
 from consumer.clients import make_consumer, make_producer
 from consumer.config import AdapterSettings, Settings
@@ -38,6 +40,7 @@ from consumer.metrics import Metrics
 from consumer.policy import DeadLetter, Retry, next_step
 from consumer.records import decode_trace, idempotency_key
 from consumer.topics import dlq_topic, retry_topics, sink_group, sink_topic
+from consumer.trade import epoch_ms
 
 log = get_logger("sink")
 
@@ -88,6 +91,7 @@ class SinkWorker:
         self.group = sink_group(settings, adapter_settings.name)
         self.tiers = settings.retry.tiers
         self.max_in_flight = settings.sink.max_in_flight
+        self._batching = isinstance(self.adapter, BatchAdapter)
         self._partitions: dict[TP, _Partition] = {}
         self._tasks: dict[TP, set[asyncio.Task[None]]] = {}
         self._key_tail: dict[bytes, asyncio.Task[None]] = {}
@@ -160,6 +164,8 @@ class SinkWorker:
         consumer = self._consumer
         consumer.throttle(True)
         grace = self.settings.shutdown.grace.total_seconds()
+        if isinstance(self.adapter, BatchAdapter):
+            await self.adapter.flush(list(self._tasks))
         tasks = [t for ts in self._tasks.values() for t in ts]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=max(0.0, grace - 2.0))
@@ -205,6 +211,8 @@ class SinkWorker:
             )
 
     async def _drain(self, revoked: list[TP]) -> None:
+        if isinstance(self.adapter, BatchAdapter):
+            await self.adapter.flush(revoked)
         tasks = [t for tp in revoked for t in self._tasks.get(tp, ())]
         if tasks:
             await asyncio.wait(tasks)
@@ -222,10 +230,21 @@ class SinkWorker:
         entry = [offset, False]
         self._partitions.setdefault(tp, _Partition()).pending.append(entry)
         self._in_flight += 1
-        key = msg.key() or b""
-        previous = self._key_tail.get(key)
-        task = self._loop.create_task(self._process(msg, previous))
-        self._key_tail[key] = task
+        delivery = self._delivery(msg)
+        appended: Awaitable[None] | None = None
+        if self._batching and isinstance(delivery, Delivery):
+            # Handed over now, in consumption order: batch boundaries must not depend on
+            # how tasks happen to be scheduled.
+            assert isinstance(self.adapter, BatchAdapter)
+            appended = self.adapter.append(delivery)
+            key = b""
+            previous = None
+        else:
+            key = msg.key() or b""
+            previous = self._key_tail.get(key)
+        task = self._loop.create_task(self._process(msg, delivery, previous, appended))
+        if not self._batching:
+            self._key_tail[key] = task
         self._tasks.setdefault(tp, set()).add(task)
 
         def finished(t: asyncio.Task[None]) -> None:
@@ -277,7 +296,20 @@ class SinkWorker:
         self._store_offsets()
         return self._consumer.poll_due(room, 0.2)
 
-    async def _process(self, msg: Message, previous: asyncio.Task[None] | None) -> None:
+    async def _process(
+        self,
+        msg: Message,
+        delivery: Delivery | UndecodableRecord,
+        previous: asyncio.Task[None] | None,
+        appended: Awaitable[None] | None = None,
+    ) -> None:
+        """Deliver one record until its outcome is final (delivered, or on its next topic).
+
+        ``appended``: a batch adapter's first attempt, already handed over at dispatch.
+        """
+        if isinstance(delivery, UndecodableRecord):
+            await self._settle(msg, delivery)
+            return
         if previous is not None:
             # Same key: strictly after the earlier record, whatever its outcome.
             await asyncio.wait([previous])
@@ -286,42 +318,56 @@ class SinkWorker:
             # While the circuit is open, wait here, outside the concurrency limit, so the one
             # probe can always get a slot.
             probe = await self.breaker.admit() if not self.breaker.closed else False
-            async with self._sem:
-                error = await self._attempt(msg)
+            if appended is not None:
+                error = await self._attempt(delivery, appended, limit=None)
+                appended = None
+            elif self._batching:
+                error = await self._attempt(delivery, self.adapter.deliver(delivery), limit=None)
+            else:
+                async with self._sem:
+                    error = await self._attempt(delivery, self.adapter.deliver(delivery))
             if error is None:
                 await self.breaker.success(probe)
                 return
-            if not isinstance(error, UndecodableRecord) and await self.breaker.failure(
-                error, probe
-            ):
+            if await self.breaker.failure(error, probe):
                 # Adapter-wide: the record is not to blame; it waits for the circuit to close.
                 self.metrics.deliveries.labels(self.cfg.name, "adapter_down").inc()
                 continue
             await self._settle(msg, error)
             return
 
-    async def _attempt(self, msg: Message) -> DeliveryError | None:
+    def _delivery(self, msg: Message) -> Delivery | UndecodableRecord:
         headers = msg.headers()
-        attempts = h.get_int(headers, h.ATTEMPTS) or 0
-        adapter = self.cfg.name
         try:
             record = decode_trace(msg.value() or b"")
         except (ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
             return UndecodableRecord(f"not a TraceRecord: {type(exc).__name__}")
-        delivery = Delivery(
+        return Delivery(
             record=record,
-            idempotency_key=idempotency_key(record["trade_id"], adapter),
-            attempt=attempts + 1,
+            idempotency_key=idempotency_key(record["trade_id"], self.cfg.name),
+            attempt=(h.get_int(headers, h.ATTEMPTS) or 0) + 1,
             due_ms=h.get_int(headers, h.DUE_MS) or 0,
+            source=(msg.topic() or "", msg.partition() or 0, msg.offset() or 0),
         )
+
+    async def _attempt(
+        self, delivery: Delivery, call: Awaitable[None], *, limit: float | None = -1.0
+    ) -> DeliveryError | None:
+        """Await one delivery call, classify its outcome, and count it.
+
+        ``limit`` bounds a hung adapter (default: twice its timeout); None for batch adapters,
+        whose records wait for their batch to fill.
+        """
+        adapter = self.cfg.name
+        if limit is not None and limit < 0:
+            limit = self.cfg.timeout.total_seconds() * 2 + 1
         started = time.perf_counter()
-        limit = self.cfg.timeout.total_seconds() * 2 + 1
         try:
-            await asyncio.wait_for(self.adapter.deliver(delivery), timeout=limit)
+            await asyncio.wait_for(call, timeout=limit)
         except DeliveryError as exc:
             return exc
         except TimeoutError:
-            return RetriableDeliveryError(f"adapter call exceeded {limit:.0f}s")
+            return RetriableDeliveryError(f"adapter call exceeded {limit or 0:.0f}s")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an adapter bug must not lose the record
@@ -335,9 +381,8 @@ class SinkWorker:
         now = now_ms()
         self.metrics.deliveries.labels(adapter, "delivered").inc()
         self.metrics.lateness.labels("sink", adapter).observe(max(0, now - delivery.due_ms) / 1000)
-        close_ms = h.get_int(headers, h.CLOSE_MS)
-        if close_ms is not None:
-            self.metrics.close_to_delivered.labels(adapter).observe(max(0, now - close_ms) / 1000)
+        close_ms = epoch_ms(delivery.record["close_time"])
+        self.metrics.close_to_delivered.labels(adapter).observe(max(0, now - close_ms) / 1000)
         return None
 
     async def _settle(self, msg: Message, error: DeliveryError) -> None:

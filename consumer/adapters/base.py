@@ -10,6 +10,7 @@ and classified as retriable, so a surprise never loses a record.
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ class Delivery:
     attempt: int
     #: close_time + window, epoch ms.
     due_ms: int
+    #: Where the sink worker consumed it: (topic, partition, offset). Files are named by it.
+    source: tuple[str, int, int] = ("", 0, 0)
 
 
 class Adapter(abc.ABC):
@@ -44,3 +47,29 @@ class Adapter(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (log out, close pools); called once on shutdown."""
+
+
+class BatchAdapter(Adapter):
+    """An adapter that makes records durable in batches (the file adapter).
+
+    The engine calls :meth:`append` synchronously, in the order each partition was consumed,
+    and stores a record's offset only once the awaitable it got back has completed (the batch
+    holding it is durable). Batch boundaries must depend only on the records (counts, bytes),
+    so that a replay after a crash rebuilds the same batches: that is what makes the output
+    exactly-once. The engine applies no concurrency limit, per-call timeout or in-flight cap to
+    a batch adapter: its memory is bounded by its own rotation size per partition.
+    """
+
+    @abc.abstractmethod
+    def append(self, delivery: Delivery) -> Awaitable[None]:
+        """Add a record to its batch; the awaitable completes when the batch is durable, or
+        raises a :class:`~consumer.errors.DeliveryError` when writing it failed."""
+
+    async def deliver(self, delivery: Delivery) -> None:
+        await self.append(delivery)
+
+    @abc.abstractmethod
+    async def flush(self, partitions: list[tuple[str, int]]) -> None:
+        """Make the open batches of these (topic, partition)s durable now: the engine is about
+        to lose them (rebalance) or stop. Safe for exactly-once: a batch always starts at a
+        committed offset and is named by it, so a replay rewrites the same objects."""

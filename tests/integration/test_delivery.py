@@ -155,7 +155,11 @@ def test_a_failing_adapter_does_not_slow_a_healthy_one(bootstrap_servers: str) -
     ):
         settings = make_settings(
             bootstrap_servers,
-            adapters=[webhook("healthy", healthy.url), webhook("down", down.url)],
+            adapters=[
+                webhook("healthy", healthy.url),
+                # No circuit breaker here: every record of the down adapter walks the tiers.
+                webhook("down", down.url, circuit={"failure_threshold": 100_000}),
+            ],
             retry={"tiers": ["1s", "2s"]},
         )
         create_topics(settings)
@@ -360,7 +364,9 @@ def test_two_workers_in_one_group_survive_a_rebalance_without_loss(bootstrap_ser
 def test_metrics_count_deliveries_retries_and_dead_letters(bootstrap_servers: str) -> None:
     with WebhookReceiver(WEBHOOK_SECRET, fail=fail_first(1, status=503)) as receiver:
         settings = make_settings(
-            bootstrap_servers, adapters=[webhook("hook", receiver.url)], retry={"tiers": ["200ms"]}
+            bootstrap_servers,
+            adapters=[webhook("hook", receiver.url, circuit={"failure_threshold": 100})],
+            retry={"tiers": ["200ms"]},
         )
         create_topics(settings)
         metrics = Metrics()
