@@ -45,7 +45,9 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self.state: State = "closed"
-        self._consecutive = 0
+        #: Records that failed retriably since the last success: one bad record retried many
+        #: times must not look like an outage.
+        self._failing: set[str] = set()
         self._probe_at = 0.0
         self._probing = False
         self._changed = asyncio.Condition()
@@ -80,7 +82,7 @@ class CircuitBreaker:
             self._changed.notify_all()
 
     async def success(self, probe: bool) -> None:
-        self._consecutive = 0
+        self._failing.clear()
         if probe:
             self._probing = False
         if not self.closed:
@@ -88,14 +90,15 @@ class CircuitBreaker:
             self._set("closed", "a delivery succeeded")
             await self._notify()
 
-    async def failure(self, error: DeliveryError, probe: bool) -> bool:
-        """Count a failure; True when it is adapter-wide (the record must wait, not retry)."""
+    async def failure(self, error: DeliveryError, probe: bool, record: str = "") -> bool:
+        """Count a failure of ``record``; True when it is adapter-wide (the record must wait,
+        not go to the next tier)."""
         if probe:
             self._probing = False
         adapter_wide = isinstance(error, AdapterUnavailable)
         if error.retriable and not adapter_wide and self.closed:
-            self._consecutive += 1
-            adapter_wide = self._consecutive >= self._threshold
+            self._failing.add(record)
+            adapter_wide = len(self._failing) >= self._threshold
         elif error.retriable and not self.closed:
             adapter_wide = True
         if not adapter_wide:

@@ -329,7 +329,7 @@ class SinkWorker:
             if error is None:
                 await self.breaker.success(probe)
                 return
-            if await self.breaker.failure(error, probe):
+            if await self.breaker.failure(error, probe, delivery.idempotency_key):
                 # Adapter-wide: the record is not to blame; it waits for the circuit to close.
                 self.metrics.deliveries.labels(self.cfg.name, "adapter_down").inc()
                 continue

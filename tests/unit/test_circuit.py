@@ -23,9 +23,10 @@ def test_consecutive_retriable_failures_open_the_circuit_and_a_probe_closes_it()
         now, states = [0.0], []
         breaker = _breaker(now, states)
         error = RetriableDeliveryError("HTTP 503")
-        assert await breaker.failure(error, probe=False) is False  # record-level: the tiers
-        assert await breaker.failure(error, probe=False) is False
-        assert await breaker.failure(error, probe=False) is True  # the third opens it
+        assert await breaker.failure(error, probe=False, record="a") is False  # to the tiers
+        assert await breaker.failure(error, probe=False, record="a") is False  # same record
+        assert await breaker.failure(error, probe=False, record="b") is False
+        assert await breaker.failure(error, probe=False, record="c") is True  # 3 records: open
         assert breaker.state == "open"
         now[0] = 1.0
         assert await breaker.admit() is True  # one probe after the interval
@@ -73,11 +74,11 @@ def test_a_success_resets_the_count_of_consecutive_failures() -> None:
     async def scenario() -> None:
         breaker = _breaker([0.0], [])
         error = RetriableDeliveryError("HTTP 503")
-        for _ in range(2):
-            await breaker.failure(error, probe=False)
+        for record in "ab":
+            await breaker.failure(error, probe=False, record=record)
         await breaker.success(probe=False)
-        for _ in range(2):
-            assert await breaker.failure(error, probe=False) is False
+        for record in "ab":
+            assert await breaker.failure(error, probe=False, record=record) is False
         assert breaker.closed
 
     asyncio.run(scenario())
