@@ -156,6 +156,10 @@ class SinkWorker:
             acks.join(timeout=5)
             poller.shutdown(wait=False)
             await self.adapter.close()
+            # The consumer's callbacks point back at this worker: drop the clients now so their
+            # librdkafka threads end with the stage, not at some later garbage collection.
+            self._producer = None
+            self._consumer = None
             log.info("sink stopped", extra={"fields": {"adapter": self.cfg.name}})
 
     async def _shutdown(self, poller: ThreadPoolExecutor) -> None:

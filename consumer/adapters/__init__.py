@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consumer.adapters.base import Adapter, Delivery
-from consumer.config import AdapterSettings, WebhookAdapterSettings
+from consumer.config import AdapterSettings, TrackerAdapterSettings, WebhookAdapterSettings
 from consumer.errors import ConfigError
 
 
@@ -13,9 +13,13 @@ def build_adapter(settings: AdapterSettings) -> Adapter:
         from consumer.adapters.webhook import WebhookAdapter
 
         return WebhookAdapter(settings)
+    if isinstance(settings, TrackerAdapterSettings):
+        from consumer.adapters.tracker import TrackerAdapter
+
+        return TrackerAdapter(settings)
     raise ConfigError(
         f"adapters.{settings.name}: adapter type {settings.type!r} is not available in this "
-        "version (only 'webhook' delivers yet; see the README's roadmap)"
+        "version (see the README's adapter list)"
     )
 
 
