@@ -66,9 +66,10 @@ def _config(settings: Any, receiver_url: str, port: int) -> dict[str, Any]:
 
 
 def test_run_all_serves_health_and_metrics_delivers_and_exits_0_on_sigterm(
-    bootstrap_servers: str, tmp_path: Path
+    bootstrap_servers: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = {**os.environ, "AUTO_TRACE_TEST_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    monkeypatch.setenv("AUTO_TRACE_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    env = {**os.environ}
     with WebhookReceiver(WEBHOOK_SECRET) as receiver:
         settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)])
         create_topics(settings)
