@@ -251,13 +251,51 @@ class TrackerAdapterSettings(_AdapterBase):
 
 
 class FileAdapterSettings(_AdapterBase):
+    """JSON Lines files, exactly once; see :mod:`consumer.adapters.file`."""
+
     type: Literal["file"]
-    #: A local directory or ``s3://bucket/prefix``.
+    #: A local directory (created if missing) or ``s3://bucket[/prefix]``.
     path: str
+    #: A file is written when its batch (one per source partition, all dates together) holds
+    #: this many records...
     max_records: int = Field(default=10_000, ge=1)
+    #: ... or this many bytes of JSON Lines, whichever comes first.
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    s3_endpoint_url: str | None = None
+    #: Also write a batch that got no record for this long. Off by default: it makes batch
+    #: boundaries depend on timing, which BREAKS the exactly-once guarantee (after a crash the
+    #: replay may write the same records under other object names: duplicate lines, never lost
+    #: ones). Without it a partial batch waits for more records, a rebalance or a shutdown.
+    idle_flush: Duration | None = None
+    #: For S3-compatible stores (MinIO, Ceph, moto, ...); None: AWS.
+    s3_endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
+    #: None: from the environment or the AWS profile.
     s3_region: str | None = None
+    #: Static credentials; when absent, boto3's default chain (environment, profile, IRSA,
+    #: instance metadata). Key id and secret key go together; the session token needs both.
+    s3_access_key_id: SecretRef | None = None
+    s3_secret_access_key: SecretRef | None = None
+    s3_session_token: SecretRef | None = None
+    #: Objects at least this large are sent as a multipart upload...
+    s3_multipart_threshold: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    #: ... in parts of this size (S3 requires at least 5 MiB for every part but the last).
+    s3_multipart_part_size: int = Field(
+        default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024 * 1024 * 1024
+    )
+
+    @field_validator("idle_flush")
+    @classmethod
+    def _idle_positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be longer than 0 (or null to turn it off)")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> FileAdapterSettings:
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("give both s3_access_key_id and s3_secret_access_key, or neither")
+        if self.s3_session_token is not None and self.s3_access_key_id is None:
+            raise ValueError("s3_session_token needs s3_access_key_id and s3_secret_access_key")
+        return self
 
 
 AdapterSettings = Annotated[
@@ -393,6 +431,11 @@ def _check_secrets(settings: Settings) -> None:
         elif isinstance(adapter, TrackerAdapterSettings):
             refs += [(f"adapters.{i}.email", adapter.email)]
             refs += [(f"adapters.{i}.password", adapter.password)]
+        elif isinstance(adapter, FileAdapterSettings):
+            for name in ("s3_access_key_id", "s3_secret_access_key", "s3_session_token"):
+                ref = getattr(adapter, name)
+                if ref is not None:
+                    refs.append((f"adapters.{i}.{name}", ref))
     for path, ref in refs:
         try:
             ref.resolve()

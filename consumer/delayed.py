@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -26,6 +27,15 @@ log = get_logger("delayed")
 
 TP = tuple[str, int]
 DueOf = Callable[[Message], int]
+
+
+class PartitionView(NamedTuple):
+    """One assigned partition, as the lag monitor sees it."""
+
+    #: The offset a held partition waits at (its head record is not due); None: not held.
+    held_at: int | None
+    #: The offset after the last record handed to the application; None: none yet.
+    taken: int | None
 
 
 @dataclass(slots=True)
@@ -60,6 +70,8 @@ class DelayedConsumer:
         self._max_poll_s = max_poll_s
         self._clock = clock
         self._held: dict[TP, _Held] = {}
+        #: Per partition, the offset after the last record handed to the application (metrics).
+        self._taken: dict[TP, int] = {}
         self._lock = threading.Lock()
         self._assigned: set[TP] = set()
         self._user_assign = on_assign
@@ -90,6 +102,7 @@ class DelayedConsumer:
             for p in partitions:
                 tp = (p.topic, p.partition)
                 self._held.pop(tp, None)
+                self._taken.pop(tp, None)
                 self._assigned.discard(tp)
 
     @property
@@ -116,6 +129,15 @@ class DelayedConsumer:
         """Held partitions and when each is due (for metrics and tests)."""
         with self._lock:
             return {tp: h.until_ms for tp, h in self._held.items()}
+
+    def snapshot(self) -> dict[TP, PartitionView]:
+        """Assigned partitions: where a held one waits, and how far records were handed out.
+
+        Safe from any thread: the lag monitor reads it (:mod:`consumer.lag`).
+        """
+        with self._lock:
+            held = {tp: h.offset for tp, h in self._held.items()}
+            return {tp: PartitionView(held.get(tp), self._taken.get(tp)) for tp in self._assigned}
 
     def next_due_ms(self) -> int | None:
         with self._lock:
@@ -183,6 +205,7 @@ class DelayedConsumer:
         now = self._clock()
         out: list[Message] = []
         stopped: set[TP] = set()
+        taken: dict[TP, int] = {}
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -213,6 +236,9 @@ class DelayedConsumer:
                 self.hold(tp[0], tp[1], offset, due)
                 continue
             out.append(msg)
+            taken[tp] = (msg.offset() or 0) + 1
+        with self._lock:
+            self._taken.update((tp, o) for tp, o in taken.items() if tp in self._assigned)
         return out
 
     def _fetch(self, max_records: int, wait: float) -> list[Message]:

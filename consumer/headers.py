@@ -36,6 +36,7 @@ REASON = "auto-trace-reason"  # which field / rule failed; never a value
 # Set by `auto-trace dlq replay`.
 REPLAY_ID = "auto-trace-replay-id"
 REPLAY_MS = "auto-trace-replay-ms"
+REPLAY_OF = "auto-trace-replay-of"  # <dlq topic>:<partition>:<offset> of the replayed dead letter
 
 #: What producers take and consumers return (confluent-kafka accepts a mapping too).
 Headers = list[tuple[str, str | bytes | None]]

@@ -19,7 +19,7 @@ from consumer.clients import MAX_MESSAGE_BYTES, make_consumer, make_producer
 from consumer.config import Settings
 from consumer.decode import Decoder, RegistryUnavailable, make_decoder
 from consumer.delayed import DelayedConsumer, now_ms
-from consumer.errors import InputError
+from consumer.errors import DecodeError, InputError, InvalidRecord
 from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
@@ -58,6 +58,8 @@ class IngestStage(LoopStage):
         self.skew_ms = _ms(settings.delay.max_clock_skew)
         self.delay_topic = delay_topic(settings)
         self.dlq_topic = ingest_dlq_topic(settings)
+        reasons = [DecodeError.reason_class, InvalidRecord.reason_class]
+        metrics.init_stage(self.name, [self.delay_topic, self.dlq_topic], reasons)
 
     def run(self, stop: threading.Event) -> None:
         consumer = DelayedConsumer(
@@ -69,6 +71,9 @@ class IngestStage(LoopStage):
         )
         out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
         consumer.subscribe([self.settings.input.topic])
+        self.metrics.watch_consumer(
+            self.name, self.settings.input.group, [self.settings.input.topic], consumer.snapshot
+        )
         log.info(
             "ingest started",
             extra={
@@ -82,6 +87,7 @@ class IngestStage(LoopStage):
                 if messages:
                     self._handle(consumer, out, messages)
         finally:
+            self.metrics.unwatch_consumer(self.name)
             out.producer.flush(10)
             consumer.close()
             log.info("ingest stopped")

@@ -45,6 +45,8 @@ class ReleaseStage(LoopStage):
         if not self.sinks:
             raise ConfigError("adapters: release needs at least one enabled adapter")
         self.topic = delay_topic(settings)
+        metrics.init_stage(self.name, self.sinks)
+        metrics.delay_window.set(settings.delay.window.total_seconds())
 
     def run(self, stop: threading.Event) -> None:
         consumer = DelayedConsumer(
@@ -55,8 +57,11 @@ class ReleaseStage(LoopStage):
         )
         out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
         consumer.subscribe([self.topic])
+        self.metrics.watch_consumer(
+            self.name, self.settings.delay.group, [self.topic], consumer.snapshot
+        )
         log.info("release started", extra={"fields": {"topic": self.topic, "sinks": self.sinks}})
-        held_gauge = self.metrics.waiting.labels(self.topic)
+        held_gauge = self.metrics.held_partitions.labels(self.topic)
         try:
             while not stop.is_set():
                 self.health.beat(self.name)
@@ -65,6 +70,7 @@ class ReleaseStage(LoopStage):
                 if messages:
                     self._handle(consumer, out, messages)
         finally:
+            self.metrics.unwatch_consumer(self.name)
             out.producer.flush(10)
             consumer.close()
             log.info("release stopped")

@@ -18,6 +18,7 @@ from consumer import __version__
 from consumer.config import Settings
 from consumer.errors import ConfigError
 from consumer.health import Health, HealthServer
+from consumer.lag import LagMonitor
 from consumer.log import get_logger
 from consumer.metrics import Metrics
 
@@ -69,7 +70,9 @@ class Runner:
         self.metrics = Metrics()
         self.metrics.build_info.info({"version": __version__, "role": role})
         self.health = Health()
+        self.metrics.watch_health(self.health)
         self.stages = build_stages(settings, role, adapter, self.metrics, self.health)
+        self.lag = LagMonitor(settings, self.metrics)
         self.stop = threading.Event()
         self.failed: list[str] = []
         self.server: HealthServer | None = None
@@ -102,6 +105,7 @@ class Runner:
                 self.settings.metrics.host, self.settings.metrics.port, self.health, self.metrics
             )
             self.server.start()
+        self.lag.start()
         threads = [
             threading.Thread(target=self._target(s), name=s.name, daemon=True) for s in self.stages
         ]
@@ -118,6 +122,7 @@ class Runner:
             log.error(
                 "stages did not stop within the grace period", extra={"fields": {"stages": stuck}}
             )
+        self.lag.stop()
         if self.server is not None:
             self.server.stop()
         return 1 if self.failed or stuck else 0

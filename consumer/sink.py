@@ -89,6 +89,8 @@ class SinkWorker:
         self.tier_of = {t: i for i, t in enumerate(self.retry_topics)}
         self.dlq = dlq_topic(settings)
         self.group = sink_group(settings, adapter_settings.name)
+        metrics.init_stage(self.name, [*self.retry_topics, dlq_topic(settings)])
+        metrics.init_adapter(adapter_settings.name, len(self.retry_topics))
         self.tiers = settings.retry.tiers
         self.max_in_flight = settings.sink.max_in_flight
         self._batching = isinstance(self.adapter, BatchAdapter)
@@ -131,6 +133,8 @@ class SinkWorker:
         poller = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-poll")
         await self.adapter.start()
         consumer.subscribe([self.sink_topic, *self.retry_topics])
+        topics = [self.sink_topic, *self.retry_topics]
+        self.metrics.watch_consumer(self.name, self.group, topics, consumer.snapshot)
         log.info(
             "sink started",
             extra={
@@ -141,17 +145,27 @@ class SinkWorker:
             },
         )
         in_flight = self.metrics.in_flight.labels(self.cfg.name)
+        records_in = self.metrics.records_in.labels(self.name)
         try:
             while not stop.is_set():
                 self.health.beat(self.name)
-                consumer.throttle(self._in_flight >= self.max_in_flight or not self.breaker.closed)
-                room = max(1, min(500, self.max_in_flight - self._in_flight))
+                # A batch adapter's records wait in its open batches: capping them would stop
+                # the batches from ever filling. Its memory is bounded by its rotation size.
+                saturated = not self._batching and self._in_flight >= self.max_in_flight
+                consumer.throttle(saturated or not self.breaker.closed)
+                room = (
+                    500
+                    if self._batching
+                    else max(1, min(500, self.max_in_flight - self._in_flight))
+                )
                 messages = await self._loop.run_in_executor(poller, self._poll, room)
+                records_in.inc(len(messages))
                 for msg in messages:
                     self._dispatch(msg)
                 in_flight.set(self._in_flight)
             await self._shutdown(poller)
         finally:
+            self.metrics.unwatch_consumer(self.name)
             self._stop_acks.set()
             acks.join(timeout=5)
             poller.shutdown(wait=False)
@@ -321,7 +335,13 @@ class SinkWorker:
         while True:
             # While the circuit is open, wait here, outside the concurrency limit, so the one
             # probe can always get a slot.
-            probe = await self.breaker.admit() if not self.breaker.closed else False
+            # A record already appended to a batch must not become the probe: its batch may
+            # wait for records that cannot come while the circuit pauses the partitions.
+            probe = (
+                await self.breaker.admit()
+                if appended is None and not self.breaker.closed
+                else False
+            )
             if appended is not None:
                 error = await self._attempt(delivery, appended, limit=None)
                 appended = None
@@ -416,6 +436,7 @@ class SinkWorker:
             (h.SOURCE_GROUP, self.group),
         ]
         adapter = self.cfg.name
+        self.metrics.records_failed.labels(self.name).inc()
         if isinstance(step, Retry):
             topic = self.retry_topics[step.tier]
             updates.append((h.RETRY_DUE_MS, step.due_ms))
@@ -468,6 +489,7 @@ class SinkWorker:
                 continue
             err = await future
             if err is None:
+                self.metrics.records_out.labels(self.name, topic).inc()
                 return
             self.metrics.produce_errors.labels(self.name).inc()
             log.warning(

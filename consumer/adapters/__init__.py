@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from consumer.adapters.base import Adapter, Delivery
-from consumer.config import AdapterSettings, TrackerAdapterSettings, WebhookAdapterSettings
+from consumer.config import (
+    AdapterSettings,
+    FileAdapterSettings,
+    TrackerAdapterSettings,
+    WebhookAdapterSettings,
+)
 from consumer.errors import ConfigError
 
 
@@ -17,6 +22,10 @@ def build_adapter(settings: AdapterSettings) -> Adapter:
         from consumer.adapters.tracker import TrackerAdapter
 
         return TrackerAdapter(settings)
+    if isinstance(settings, FileAdapterSettings):
+        from consumer.adapters.file import FileAdapter
+
+        return FileAdapter(settings)
     raise ConfigError(
         f"adapters.{settings.name}: adapter type {settings.type!r} is not available in this "
         "version (see the README's adapter list)"
