@@ -35,6 +35,7 @@ examples:
   auto-trace topics create --config auto-trace.yaml
   auto-trace run --role all --config auto-trace.yaml
   auto-trace run --role sink --adapter my-webhook --config auto-trace.yaml
+  auto-trace dlq stats --config auto-trace.yaml
 """
 
 
@@ -97,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(demo_parser)
 
+    # Only listed here: `auto-trace dlq ...` is handed to consumer.dlq before this parser runs,
+    # so its Kafka clients are imported only when it is used.
+    sub.add_parser(
+        "dlq",
+        help="list, inspect and replay dead letters (auto-trace dlq --help)",
+        add_help=False,
+    )
+
     sub.add_parser(
         "local-broker",
         help="start a local Apache Kafka broker for development (KRaft, loopback)",
@@ -120,11 +129,12 @@ def _topics_create(args: argparse.Namespace) -> int:
         out.write(f"{'topic':<48} {'kind':<10} {'partitions':>10} {'replicas':>8}  retention\n")
         for spec in planned_topics(settings):
             retention = spec.config.get("retention.ms")
-            shown = (
-                format_duration(timedelta(milliseconds=int(retention)))
-                if retention
-                else "broker default"
-            )
+            if retention is None:
+                shown = "broker default"
+            elif int(retention) < 0:
+                shown = "forever"
+            else:
+                shown = format_duration(timedelta(milliseconds=int(retention)))
             replicas = "default" if spec.replication_factor < 0 else str(spec.replication_factor)
             out.write(
                 f"{spec.name:<48} {spec.kind:<10} {spec.partitions:>10} {replicas:>8}  {shown}\n"
@@ -153,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from consumer import broker
 
         return broker.main(argv[1:])
+    if argv[:1] == ["dlq"]:
+        # Its own parser and --help, with sub-commands; imported only when used.
+        from consumer import dlq
+
+        return dlq.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -42,6 +42,8 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         "enable.auto.commit": True,
         "enable.auto.offset.store": False,
         "enable.partition.eof": False,
+        # `auto-trace dlq replay` writes in transactions: never read an aborted replay batch.
+        "isolation.level": "read_committed",
         **extra,
     }
 

@@ -6,6 +6,7 @@
     <prefix>.retry.<adapter>.<tier>  sink worker → itself, after a retriable failure
     <prefix>.dlq                     deliveries that failed for good (PII-free)
     <prefix>.dlq.ingest              input that could not be decoded or validated (RAW: personal)
+    <prefix>.dlq.audit               who replayed which dead letters, when (`auto-trace dlq`)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 from consumer.clients import MAX_MESSAGE_BYTES
 from consumer.config import Settings, TopicKind, format_duration
 
-Kind = Literal["delay", "sink", "retry", "dlq", "dlq_ingest"]
+Kind = Literal["delay", "sink", "retry", "dlq", "dlq_ingest", "dlq_audit"]
 
 
 def delay_topic(settings: Settings) -> str:
@@ -42,6 +43,10 @@ def dlq_topic(settings: Settings) -> str:
 
 def ingest_dlq_topic(settings: Settings) -> str:
     return f"{settings.topics.prefix}.dlq.ingest"
+
+
+def dlq_audit_topic(settings: Settings) -> str:
+    return f"{settings.topics.prefix}.dlq.audit"
 
 
 def sink_group(settings: Settings, adapter: str) -> str:
@@ -83,6 +88,11 @@ def planned_topics(settings: Settings) -> list[TopicSpec]:
         specs += [_spec(settings, t, "retry") for t in retry_topics(settings, adapter.name)]
     specs.append(_spec(settings, dlq_topic(settings), "dlq"))
     specs.append(_spec(settings, ingest_dlq_topic(settings), "dlq_ingest"))
+    # Who replayed what: one partition, never expires (a finished replay must stay finished).
+    audit = _spec(settings, dlq_audit_topic(settings), "dlq")
+    specs.append(
+        TopicSpec(audit.name, "dlq_audit", 1, audit.replication_factor, {"retention.ms": "-1"})
+    )
     return specs
 
 

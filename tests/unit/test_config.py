@@ -159,4 +159,5 @@ def test_topics_dry_run_lists_every_topic_without_a_broker(
         "auto-trace.retry.hook.1h",
         "auto-trace.dlq",
         "auto-trace.dlq.ingest",
+        "auto-trace.dlq.audit",
     ]
