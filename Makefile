@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install lint format test unit integration bench demo chaos clean
+.PHONY: help install lint format test unit integration bench demo chaos helm image-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,16 +21,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install auto-trace with its development tools
 
 lint: install ## ruff (lint + format check) and mypy --strict on the package
-	$(VENV)/bin/ruff check consumer tests
-	$(VENV)/bin/ruff format --check consumer tests
+	$(VENV)/bin/ruff check consumer tests tools
+	$(VENV)/bin/ruff format --check consumer tests tools
 	$(VENV)/bin/mypy --strict consumer
 
 format: install ## apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix consumer tests
-	$(VENV)/bin/ruff format consumer tests
+	$(VENV)/bin/ruff check --fix consumer tests tools
+	$(VENV)/bin/ruff format consumer tests tools
 
 test: lint ## lint, then the whole test suite against a real Kafka broker (started if needed)
 	$(PY) -c "from consumer.broker import ensure_broker_jars; print(ensure_broker_jars())"
+	$(PY) tools/ensure_helm.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install ## only the tests that need no broker
@@ -44,6 +45,13 @@ bench: install ## side-by-side throughput / lateness / memory ratios (BENCH_SCAL
 
 demo: install ## a local broker, the pipeline, a webhook receiver and sample trades, end to end
 	$(PY) -m consumer demo
+
+helm: install ## chart: helm lint --strict + every ci/ scenario rendered and schema-validated (builds helm once)
+	$(PY) tools/ensure_helm.py
+	$(PY) -m pytest tests/helm $(PYTEST_ARGS)
+
+image-check: install ## the Dockerfile without a container engine: static checks, then its install steps
+	$(PY) tools/check_dockerfile.py --install
 
 clean: ## remove the virtualenv and caches (the broker jar cache in ~/.cache/auto-trace stays)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
