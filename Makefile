@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install auto-trace with its development tools
 
 lint: install ## ruff (lint + format check) and mypy --strict on the package
-	$(VENV)/bin/ruff check consumer tests tools
-	$(VENV)/bin/ruff format --check consumer tests tools
+	$(VENV)/bin/ruff check consumer tests tools bench
+	$(VENV)/bin/ruff format --check consumer tests tools bench
 	$(VENV)/bin/mypy --strict consumer
 
 format: install ## apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix consumer tests tools
-	$(VENV)/bin/ruff format consumer tests tools
+	$(VENV)/bin/ruff check --fix consumer tests tools bench
+	$(VENV)/bin/ruff format consumer tests tools bench
 
 test: lint ## lint, then the whole test suite against a real Kafka broker (started if needed)
 	$(PY) -c "from consumer.broker import ensure_broker_jars; print(ensure_broker_jars())"

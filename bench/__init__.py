@@ -1,0 +1,55 @@
+"""``make bench`` (``python -m bench``): side-by-side ratios of auto-trace against plain baselines,
+measured in one run against one broker.
+
+The broker comes from :func:`consumer.broker.kafka_cluster` (``KAFKA_BOOTSTRAP_SERVERS`` if set,
+else one started locally). Every topic has 6 partitions and ``message.timestamp.type =
+LogAppendTime``, so the time a record reached a topic is the broker's append time, on one clock,
+read from the record itself. Every stage runs as its own process (``python -m consumer run
+--role ...``, the deployed program, with the default client settings), as do the baselines and
+the receiver, so no two share a GIL. Inputs are pre-loaded with a fast producer before anything
+is timed; everything the run creates is deleted at the end.
+
+R1    ingest records/s ÷ passthrough records/s. The same pre-loaded ``trade.closed`` topic
+      (200k realistic trades, see :mod:`bench.data` for the ~525-byte records) is read by a
+      plain consume → produce copy (:mod:`bench.passthrough`: same librdkafka settings, same
+      batch size, no decoding), then by the ingest stage, then copied again; each rate is
+      records ÷ (last - first append time on its output topic), so consumer-group start-up is
+      not counted. The baseline is the mean of the copies before and after ingest.
+R1b   ingest + release (window 0, one adapter), one process each, on the same input; the rate
+      is taken on the sink topic in the same way, ÷ the R1 baseline.
+R3    release lateness: 20k trades produced at a steady 1,000/s with close_time = now flow
+      through ingest and release (window 2 s); lateness = sink-topic append time - the
+      record's due header (close_time + window). p50, p99, max, and the count released early.
+R4    webhook deliveries/s (the sink worker delivering 10k pre-loaded sink-topic records)
+      ÷ raw aiohttp POSTs/s of the same bodies with the same headers at the same concurrency
+      (16, the adapter's default), measured before and after the sink (mean). Raw httpx is
+      measured the same way on 2k bodies. The receiver (:mod:`bench.server`) is a separate
+      process and a bare asyncio HTTP/1.1 server, several times cheaper per request than the
+      clients, and times every run: successes ÷ (last success - first request).
+R6    the same sink worker with retry tiers ``[200ms]`` while the receiver answers 503 to the
+      first attempt of every webhook-id: successful deliveries/s ÷ R4's. The circuit breaker,
+      which would take "every first attempt fails" for an outage, is kept closed.
+MEM   the release stage's peak RSS (``VmHWM`` of its process) with 1M records waiting (due in
+      1 h) ÷ with 10k waiting, read once every partition is held plus 3 s; the sink topic is
+      checked to be empty (nothing released early).
+SEED  trades/s end to end: 10k pre-loaded trades through ingest, release and the sink worker
+      (one process each, window 0) to the receiver, first to last delivery; shown next to the
+      original design's ceiling of 10 trades per 5 minutes.
+
+Each rate is shown with the CPU share of its process over exactly the measured interval
+(sampled from /proc): a stage near 100 % of a core is CPU-bound, one well below is waiting.
+
+Environment:
+    BENCH_SCALE=0.1        shrink every record count (default 1.0; floors keep runs meaningful)
+    BENCH_ONLY=R4,R6       run only these scenarios (R1b runs R1; R6 runs R4)
+    BENCH_KAFKA_CLIENT='{"queued.max.messages.kbytes": 1024}'
+                           extra librdkafka settings for every stage (try a tuning, no edits)
+    BENCH_PROFILE=DIR      attach ``py-spy record`` to each process (collapsed stacks in DIR);
+    BENCH_PROFILE_IDLE=1   ... including time spent waiting (shows blocking calls)
+
+The output is a table (each ratio with its inputs and the raw rates behind it), the goal checks,
+and as the last line one JSON object (:data:`bench.report.JSON_KEYS`). Stage logs and configs are
+left in ``bench-output/``. A run at scale 1.0 takes 7-12 minutes on 2 cores, depending on what
+else runs; no scenario starts after 10 minutes and no wait outlasts that by more than 2, so
+``make bench`` ends within 15.
+"""

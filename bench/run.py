@@ -1,0 +1,709 @@
+"""The scenarios of ``python -m bench`` (see the package docstring for the method)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import data
+from bench.kafka import Topics, Watermarks, fast_producer, lateness_ms, preload, read_all, span
+from bench.procs import Proc, Receiver, Stage, wait_until
+from bench.report import SEED_CEILING_TRADES_PER_S, Row, render
+from consumer.broker import kafka_cluster
+from consumer.config import Settings, WebhookAdapterSettings, load_settings
+from consumer.delayed import now_ms
+from consumer.topics import delay_topic, planned_topics, sink_topic
+
+PARTITIONS = 6
+CONCURRENCY = 16
+ADAPTER = "hook"
+SECRET_ENV = "BENCH_WEBHOOK_SECRET"
+#: Not a secret: signs benchmark deliveries to a local receiver that does not check it.
+SECRET = "whsec_YmVuY2gtc2lnbmluZy1rZXktbm90LWEtc2VjcmV0ISE="
+R3_RATE = 1000
+R3_WINDOW_S = 2
+MEM_WAIT_S = 3.0
+OUTPUT = Path(__file__).resolve().parent.parent / "bench-output"
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share * 100:.0f}%"
+
+
+def _threads(proc: Proc, start_ms: int, end_ms: int) -> str:
+    """Where a process's CPU went, by thread name (Python threads all show as 'python')."""
+    shares = proc.thread_shares(start_ms, end_ms)
+    return ", ".join(f"{name} {_pct(share)}" for name, share in list(shares.items())[:5])
+
+
+@dataclass
+class Ctx:
+    bootstrap: str
+    scale: float
+    logs: Path
+    topics: Topics
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    rows: list[Row] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    #: No scenario starts after this many seconds (``make bench`` must end within 15 min).
+    budget_s: float = 600.0
+    pool: list[dict[str, Any]] = field(default_factory=list)
+    #: Measured rates other scenarios divide by.
+    rates: dict[str, float] = field(default_factory=dict)
+    #: R1's pre-loaded input, which R1b reads again.
+    r1_source: str = ""
+    r1_count: int = 0
+    #: ``BENCH_KAFKA_CLIENT`` (a JSON object): extra librdkafka settings for every stage, to
+    #: try a tuning without editing code.
+    client: dict[str, Any] = field(default_factory=dict)
+
+    def n(self, full: int, floor: int) -> int:
+        return max(floor, int(full * self.scale))
+
+    def say(self, text: str) -> None:
+        sys.stderr.write(f"[{time.monotonic() - self.started:6.1f}s] {text}\n")
+        sys.stderr.flush()
+
+    # -- configuration and topics ----------------------------------------------------------
+
+    def config(
+        self,
+        name: str,
+        *,
+        input_topic: str | None = None,
+        window: str = "0s",
+        tiers: list[str] | None = None,
+        url: str = "http://127.0.0.1:9/unused",
+        circuit_threshold: int | None = None,
+    ) -> dict[str, Any]:
+        prefix = f"bench-{self.tag}-{name}"
+        adapter: dict[str, Any] = {
+            "name": ADAPTER,
+            "type": "webhook",
+            "url": url,
+            "secrets": [{"env": SECRET_ENV}],
+            "concurrency": CONCURRENCY,
+            "timeout": "10s",
+        }
+        if circuit_threshold is not None and "circuit" in WebhookAdapterSettings.model_fields:
+            adapter["circuit"] = {"failure_threshold": circuit_threshold}
+        return {
+            "kafka": {"bootstrap_servers": self.bootstrap, "client": self.client},
+            "input": {"topic": input_topic or f"{prefix}.in", "group": f"{prefix}-ingest"},
+            "topics": {"prefix": prefix, "partitions": PARTITIONS},
+            "delay": {"window": window, "group": f"{prefix}-release"},
+            "retry": {"tiers": tiers or ["5s", "30s"]},
+            "adapters": [adapter],
+            "shutdown": {"grace": "10s"},
+            "logging": {"level": "INFO", "format": "json"},
+        }
+
+    def create(self, config: dict[str, Any], *, with_input: bool = False) -> Settings:
+        settings = load_settings(None, **config)
+        specs = [(s.name, s.partitions, s.config) for s in planned_topics(settings)]
+        if with_input:
+            specs.append((settings.input.topic, PARTITIONS, {}))
+        self.topics.create(specs)
+        return settings
+
+    def stage(self, name: str, role: str, config: dict[str, Any]) -> Stage:
+        proc = Stage(
+            name,
+            role,
+            config,
+            self.logs,
+            {SECRET_ENV: SECRET},
+            adapter=ADAPTER if role == "sink" else None,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def proc(self, name: str, command: list[str], *, profile: bool = True) -> Proc:
+        p = Proc(name, command, self.logs, profile=profile)
+        self.procs.append(p)
+        return p
+
+    def stop(self, *procs: Proc) -> None:
+        for p in procs:
+            p.stop()
+            if p in self.procs:
+                self.procs.remove(p)
+
+    def cap(self, timeout: float) -> float:
+        """A wait never runs past the budget by more than two minutes, whatever it expects."""
+        hard = self.started + self.budget_s + 120 - time.monotonic()
+        return max(10.0, min(timeout, hard))
+
+    def wait_count(self, topic: str, count: int, procs: list[Proc], timeout: float) -> None:
+        marks = Watermarks(self.bootstrap)
+        try:
+            wait_until(
+                lambda: marks.count(topic) >= count,
+                procs,
+                self.cap(timeout),
+                f"{count:,} records in {topic}",
+                interval=0.2,
+            )
+        finally:
+            marks.close()
+
+    def wait_ready(self, stages: list[Stage], timeout: float = 60) -> None:
+        wait_until(
+            lambda: all(s.ready() for s in stages), stages, self.cap(timeout), "stages ready"
+        )
+
+
+def scenario(ctx: Ctx, name: str, body: Callable[[], None]) -> None:
+    """Run one scenario. A failed one is reported and the run goes on (the others still mean
+    something); once the time budget is spent, the rest are skipped rather than overrun."""
+    if time.monotonic() > ctx.started + ctx.budget_s:
+        ctx.errors[name] = f"skipped: the run's time budget of {ctx.budget_s:.0f} s was spent"
+        ctx.say(f"{name} skipped (time budget)")
+        return
+    ctx.say(f"{name} ...")
+    before = list(ctx.procs)
+    try:
+        body()
+    except Exception as exc:
+        ctx.errors[name] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        ctx.say(f"{name} FAILED: {exc}")
+    finally:
+        for p in list(ctx.procs):
+            if p not in before:
+                ctx.stop(p)
+
+
+# -- R1 and R1b: ingest (and release) against a plain copy -----------------------------------
+
+
+def _passthrough(ctx: Ctx, cfg_path: Path, source: str, count: int, run: int) -> float:
+    """One plain copy of the whole input into a fresh topic; its records/s."""
+    target = f"bench-{ctx.tag}-r1.copy{run}"
+    ctx.topics.create([(target, PARTITIONS, {})])
+    copy = ctx.proc(
+        f"passthrough-{run}",
+        [
+            sys.executable,
+            "-m",
+            "bench.passthrough",
+            "--config",
+            str(cfg_path),
+            "--source",
+            source,
+            "--target",
+            target,
+            "--group",
+            f"bench-{ctx.tag}-copy{run}",
+        ],
+    )
+    ctx.wait_count(target, count, [copy], 60 + count / 2000)
+    ctx.stop(copy)
+    copied = span(ctx.bootstrap, target)
+    rate = copied.rate(count)
+    cpu = copy.cpu_share(copied.first_ms, copied.last_ms)
+    ctx.say(
+        f"passthrough {run}: {_fmt(rate)} records/s (cpu {_pct(cpu)}: "
+        f"{_threads(copy, copied.first_ms, copied.last_ms)})"
+    )
+    return rate
+
+
+def r1(ctx: Ctx) -> None:
+    """Passthrough, ingest, passthrough again: the mean of the two copies is the baseline, so
+    a drift in the machine's load during the run shows up on both sides."""
+    count = ctx.n(200_000, 2_000)
+    cfg = ctx.config("r1")
+    settings = ctx.create(cfg, with_input=True)
+    source = settings.input.topic
+    close_start = now_ms() - 86_400_000
+    t0 = time.monotonic()
+    preload(
+        fast_producer(ctx.bootstrap),
+        source,
+        data.trade_records(ctx.pool, count, close_start),
+    )
+    ctx.say(f"pre-loaded {count:,} trades in {time.monotonic() - t0:.1f} s")
+    sizes = [len(v) for _, v, _ in data.trade_records(ctx.pool, min(count, 5000), close_start)]
+    size = statistics.fmean(sizes)
+    ctx.r1_source, ctx.r1_count = source, count
+    cfg_path = ctx.logs / "passthrough.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    first = _passthrough(ctx, cfg_path, source, count, 1)
+    ingest = ctx.stage("r1-ingest", "ingest", cfg)
+    ctx.wait_count(delay_topic(settings), count, [ingest], 60 + count / 1000)
+    ctx.stop(ingest)
+    ingested = span(ctx.bootstrap, delay_topic(settings))
+    ingest_rate = ingested.rate(count)
+    ingest_cpu = ingest.cpu_share(ingested.first_ms, ingested.last_ms)
+    ctx.say(
+        f"ingest: {_fmt(ingest_rate)} records/s (cpu {_pct(ingest_cpu)}: "
+        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)})"
+    )
+    second = _passthrough(ctx, cfg_path, source, count, 2)
+    pass_rate = (first + second) / 2
+    ctx.rates["passthrough"] = pass_rate
+    ctx.rows.append(
+        Row(
+            "R1  ingest ÷ passthrough",
+            ingest_rate / pass_rate,
+            key="r1",
+            inputs=(
+                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}), passthrough "
+                f"{_fmt(pass_rate)}/s (mean of {_fmt(first)} before and {_fmt(second)} after); "
+                f"{count:,} trade.closed JSON records, mean {size:.0f} B, {PARTITIONS} "
+                "partitions, one process each"
+            ),
+        )
+    )
+
+
+def r1b(ctx: Ctx) -> None:
+    source, count = ctx.r1_source, ctx.r1_count
+    cfg = ctx.config("r1b", input_topic=source)
+    settings = ctx.create(cfg)
+    ingest = ctx.stage("r1b-ingest", "ingest", cfg)
+    release = ctx.stage("r1b-release", "release", cfg)
+    sink = sink_topic(settings, ADAPTER)
+    ctx.wait_count(sink, count, [ingest, release], 60 + count / 1000)
+    ctx.stop(ingest, release)
+    released = span(ctx.bootstrap, sink)
+    rate = released.rate(count)
+    cpu_i = ingest.cpu_share(released.first_ms, released.last_ms)
+    cpu_r = release.cpu_share(released.first_ms, released.last_ms)
+    ctx.say(f"ingest+release: {_fmt(rate)} records/s (cpu {_pct(cpu_i)} + {_pct(cpu_r)})")
+    pass_rate = ctx.rates["passthrough"]
+    ctx.rows.append(
+        Row(
+            "R1b ingest+release ÷ passthrough",
+            rate / pass_rate,
+            key="r1b",
+            inputs=(
+                f"{_fmt(rate)}/s into the sink topic (window 0, 1 adapter; cpu ingest "
+                f"{_pct(cpu_i)}, release {_pct(cpu_r)}); same {count:,} records as R1, one "
+                "process per stage"
+            ),
+        )
+    )
+
+
+# -- R3: release lateness ---------------------------------------------------------------------
+
+
+def r3(ctx: Ctx) -> None:
+    count = ctx.n(20_000, 1_000)
+    cfg = ctx.config("r3", window=f"{R3_WINDOW_S}s")
+    settings = ctx.create(cfg, with_input=True)
+    ingest = ctx.stage("r3-ingest", "ingest", cfg)
+    release = ctx.stage("r3-release", "release", cfg)
+    ctx.wait_ready([ingest, release])
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": ctx.bootstrap, "enable.idempotence": True})
+    rng = random.Random(3)
+    start = time.monotonic()
+    i = 0
+    while i < count:
+        target = min(count, int((time.monotonic() - start) * R3_RATE) + 1)
+        while i < target:
+            t = data.trade(ctx.pool, i, now_ms(), rng)
+            producer.produce(settings.input.topic, value=data.to_json(t), key=t["trade_id"])
+            i += 1
+        producer.poll(0)
+        ingest.sample()
+        release.sample()
+        time.sleep(0.002)
+    producer.flush(30)
+    sent_s = time.monotonic() - start
+    sink = sink_topic(settings, ADAPTER)
+    ctx.wait_count(sink, count, [ingest, release], 60)
+    ctx.stop(ingest, release)
+    late = sorted(lateness_ms(m) for m in read_all(ctx.bootstrap, sink, count))
+    early = sum(1 for x in late if x < 0)
+    p50 = late[len(late) // 2]
+    p99 = late[min(len(late) - 1, int(len(late) * 0.99))]
+    worst = late[-1]
+    ctx.say(f"lateness p50 {p50} ms, p99 {p99} ms, max {worst} ms, early {early}")
+    inputs = (
+        f"{count:,} records at {count / sent_s:,.0f}/s through ingest → release, window "
+        f"{R3_WINDOW_S} s, {PARTITIONS} partitions; sink-topic append time - due header"
+    )
+    ctx.rows += [
+        Row("R3  release lateness p50", p50, "ms", key="r3_p50_ms", inputs=inputs),
+        Row("R3  release lateness p99", p99, "ms", key="r3_p99_ms"),
+        Row("R3  release lateness max", worst, "ms", key="r3_max_ms"),
+        Row("R3  released early", early, "records", key="r3_early"),
+    ]
+
+
+# -- R4 and R6: deliveries against raw HTTP clients ------------------------------------------
+
+
+def _sink_records(ctx: Ctx, count: int, seed: int) -> list[data.Record]:
+    rng = random.Random(seed)
+    close = now_ms() - 3_600_000
+    return [
+        data.trace_record(data.to_json(data.trade(ctx.pool, i, close + i, rng)))
+        for i in range(count)
+    ]
+
+
+def _deliveries(
+    ctx: Ctx,
+    receiver: Receiver,
+    procs: list[Proc],
+    count: int,
+    timeout: float,
+    *,
+    exits: bool = False,
+) -> tuple[float, dict[str, Any]]:
+    """Wait for ``count`` successful deliveries; their rate from the first request to the last
+    success, timed by the receiver. ``exits``: the processes may end when done (clients)."""
+    watched = [] if exits else procs
+
+    def done() -> bool:
+        for p in procs:
+            p.sample()
+            if exits and not p.alive() and p.popen.returncode != 0:
+                p.check()
+        return int(receiver.stats()["ok"]) >= count
+
+    wait_until(
+        done,
+        [*watched, receiver],
+        ctx.cap(timeout),
+        f"{count:,} deliveries",
+        interval=0.2,
+    )
+    stats = receiver.stats()
+    seconds = max(0.001, (stats["last_ok_ms"] - stats["first_ms"]) / 1000)
+    return count / seconds, stats
+
+
+@dataclass(frozen=True)
+class _Raw:
+    rate: float
+    cpu: float | None
+    receiver_cpu: float | None
+
+
+def _raw(ctx: Ctx, receiver: Receiver, client: str, count: int, bodies: Path, run: int) -> _Raw:
+    receiver.reset()
+    p = ctx.proc(
+        f"raw-{client}-{run}",
+        [
+            sys.executable,
+            "-m",
+            "bench.rawhttp",
+            "--client",
+            client,
+            "--url",
+            receiver.url,
+            "--concurrency",
+            str(CONCURRENCY),
+            "--limit",
+            str(count),
+            str(bodies),
+        ],
+    )
+    rate, stats = _deliveries(ctx, receiver, [p], count, 60 + count / 100, exits=True)
+    result = _Raw(
+        rate,
+        p.cpu_share(stats["first_ms"], stats["last_ok_ms"]),
+        receiver.cpu_share(stats["first_ms"], stats["last_ok_ms"]),
+    )
+    p.popen.wait(30)
+    ctx.stop(p)
+    ctx.say(f"raw {client} {run}: {_fmt(rate)} POSTs/s (cpu {_pct(result.cpu)})")
+    return result
+
+
+def r4(ctx: Ctx, receiver: Receiver) -> None:
+    """Raw aiohttp, the sink worker, raw aiohttp again (the baseline is their mean), then raw
+    httpx on fewer bodies (it is an order of magnitude slower)."""
+    count = ctx.n(10_000, 1_000)
+    httpx_count = ctx.n(2_000, 500)
+    cfg = ctx.config("r4", url=receiver.url)
+    settings = ctx.create(cfg)
+    records = _sink_records(ctx, count, 4)
+    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
+    bodies = [data.webhook_body(v, ADAPTER) for _, v, _ in records]
+    body_size = statistics.fmean(len(b) for _, b in bodies)
+    bodies_path = ctx.logs / "bodies.txt"
+    bodies_path.write_bytes(b"".join(i.encode() + b" " + b + b"\n" for i, b in bodies))
+
+    before = _raw(ctx, receiver, "aiohttp", count, bodies_path, 1)
+    receiver.reset()
+    sink = ctx.stage("r4-sink", "sink", cfg)
+    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 100)
+    ctx.stop(sink)
+    cpu_s = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    cpu_rx = receiver.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    ctx.rates["sink"] = rate
+    ctx.say(
+        f"sink: {_fmt(rate)} deliveries/s (cpu {_pct(cpu_s)}: "
+        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}; receiver {_pct(cpu_rx)})"
+    )
+    if stats["distinct_ok"] != count:
+        ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
+    after = _raw(ctx, receiver, "aiohttp", count, bodies_path, 2)
+    hx = _raw(ctx, receiver, "httpx", httpx_count, bodies_path, 1)
+    aio = (before.rate + after.rate) / 2
+    ctx.rows += [
+        Row(
+            "R4  webhook deliveries ÷ raw aiohttp",
+            rate / aio,
+            key="r4",
+            inputs=(
+                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}), raw "
+                f"aiohttp {_fmt(aio)}/s (mean of {_fmt(before.rate)} before and "
+                f"{_fmt(after.rate)} after; cpu {_pct(before.cpu)}, receiver "
+                f"{_pct(before.receiver_cpu)}); {count:,} POSTs of {body_size:.0f} B, "
+                f"concurrency {CONCURRENCY}"
+            ),
+        ),
+        Row(
+            "R4  raw httpx ÷ raw aiohttp",
+            hx.rate / aio,
+            key="r4_httpx_vs_aiohttp",
+            inputs=(
+                f"httpx {_fmt(hx.rate)}/s (cpu {_pct(hx.cpu)}) over {httpx_count:,} POSTs, "
+                f"concurrency {CONCURRENCY}"
+            ),
+        ),
+    ]
+
+
+def r6(ctx: Ctx, receiver: Receiver) -> None:
+    count = ctx.n(5_000, 1_000)
+    # Every first attempt fails by design, which the circuit breaker (when there is one) would
+    # take for an outage: keep it closed so that this measures the retry path, not the breaker.
+    cfg = ctx.config("r6", url=receiver.url, tiers=["200ms"], circuit_threshold=1_000_000)
+    settings = ctx.create(cfg)
+    preload(
+        fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), _sink_records(ctx, count, 6)
+    )
+    receiver.reset(fail_first=True)
+    sink = ctx.stage("r6-sink", "sink", cfg)
+    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 50)
+    ctx.stop(sink)
+    cpu = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    ctx.say(
+        f"retry path: {_fmt(rate)} deliveries/s (cpu {_pct(cpu)}: "
+        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}), failed {stats['failed']}"
+    )
+    main_rate = ctx.rates["sink"]
+    ctx.rows.append(
+        Row(
+            "R6  retry-path ÷ main-path deliveries",
+            rate / main_rate,
+            key="r6",
+            inputs=(
+                f"retry path {_fmt(rate)}/s (cpu {_pct(cpu)}), main path {_fmt(main_rate)}/s; "
+                f"{count:,} records, each first attempt answered 503, tier 200ms; "
+                f"{stats['failed']:,} failed + {stats['ok']:,} ok requests"
+            ),
+        )
+    )
+
+
+# -- MEM: the release stage's peak RSS with a backlog not yet due ----------------------------
+
+
+def _release_peak(ctx: Ctx, name: str, waiting: int) -> tuple[int, float | None]:
+    cfg = ctx.config(name)
+    settings = ctx.create(cfg)
+    due = now_ms() + 3_600_000
+    rng = random.Random(9)
+    close = now_ms() - 60_000
+    distinct = [
+        data.trace_record(data.to_json(data.trade(ctx.pool, i, close + i, rng)), due_ms=due)
+        for i in range(min(waiting, 2000))
+    ]
+    t0 = time.monotonic()
+    preload(
+        fast_producer(ctx.bootstrap),
+        delay_topic(settings),
+        (distinct[i % len(distinct)] for i in range(waiting)),
+    )
+    ctx.say(f"pre-loaded {waiting:,} waiting records in {time.monotonic() - t0:.1f} s")
+    release = ctx.stage(f"{name}-release", "release", cfg)
+    wait_until(
+        lambda: release.metric("auto_trace_held_partitions") == PARTITIONS,
+        [release],
+        ctx.cap(120),
+        "every partition held",
+        interval=0.2,
+    )
+    settle = time.monotonic() + MEM_WAIT_S
+    wait_until(lambda: time.monotonic() > settle, [release], MEM_WAIT_S + 5, "settling")
+    peak = release.peak_rss_kib()
+    cpu = release.cpu_seconds()
+    ctx.stop(release)
+    marks = Watermarks(ctx.bootstrap)
+    try:
+        early = marks.count(sink_topic(settings, ADAPTER))
+    finally:
+        marks.close()
+    if early:
+        raise RuntimeError(f"release published {early} records that were not due")
+    if peak is None:
+        raise RuntimeError("could not read the release stage's peak RSS")
+    return peak, cpu
+
+
+def mem(ctx: Ctx) -> None:
+    big, small = ctx.n(1_000_000, 10_000), ctx.n(10_000, 1_000)
+    peak_small, _ = _release_peak(ctx, "mem-small", small)
+    ctx.say(f"release peak RSS with {small:,} waiting: {peak_small / 1024:.1f} MiB")
+    peak_big, _ = _release_peak(ctx, "mem-big", big)
+    ctx.say(f"release peak RSS with {big:,} waiting: {peak_big / 1024:.1f} MiB")
+    ctx.rows.append(
+        Row(
+            "MEM release peak RSS big ÷ small",
+            peak_big / peak_small,
+            key="mem_ratio",
+            inputs=(
+                f"{peak_big / 1024:.1f} MiB with {big:,} waiting, {peak_small / 1024:.1f} MiB "
+                f"with {small:,} (due in 1 h, {PARTITIONS} partitions; VmHWM after every "
+                f"partition was held + {MEM_WAIT_S:.0f} s)"
+            ),
+        )
+    )
+
+
+# -- SEED: end to end -------------------------------------------------------------------------
+
+
+def seed(ctx: Ctx, receiver: Receiver) -> None:
+    count = ctx.n(10_000, 1_000)
+    cfg = ctx.config("e2e", url=receiver.url)
+    settings = ctx.create(cfg, with_input=True)
+    preload(
+        fast_producer(ctx.bootstrap),
+        settings.input.topic,
+        data.trade_records(ctx.pool, count, now_ms() - 3_600_000, seed=5),
+    )
+    receiver.reset()
+    stages = [ctx.stage(f"e2e-{role}", role, cfg) for role in ("ingest", "release", "sink")]
+    rate, stats = _deliveries(ctx, receiver, list(stages), count, 60 + count / 50)
+    shares = [s.cpu_share(stats["first_ms"], stats["last_ok_ms"]) for s in stages]
+    ctx.say(f"end to end: {_fmt(rate)} trades/s")
+    ctx.rows.append(
+        Row(
+            "SEED sustained trades/s end to end",
+            rate,
+            "/s",
+            key="e2e_trades_per_s",
+            inputs=(
+                f"{rate / SEED_CEILING_TRADES_PER_S:,.0f} x the original design's ceiling of "
+                f"10 trades / 5 min ({SEED_CEILING_TRADES_PER_S:.3f}/s); {count:,} pre-loaded "
+                f"trades, trade.closed → webhook 200, ingest/release/sink one process each "
+                f"(cpu {', '.join(_pct(s) for s in shares)}), window 0"
+            ),
+        )
+    )
+
+
+SCENARIOS = ("R1", "R1b", "R3", "MEM", "R4", "R6", "SEED")
+
+
+def run(ctx: Ctx, only: set[str]) -> None:
+    """Every scenario in :data:`SCENARIOS` order (R1b needs R1, R6 needs R4)."""
+    t0 = time.monotonic()
+    ctx.pool = data.trade_pool(now_ms() - 2 * 86_400_000)
+    ctx.say(f"built {len(ctx.pool)} sample trades in {time.monotonic() - t0:.1f} s")
+    if only & {"R1", "R1b"}:
+        scenario(ctx, "R1", lambda: r1(ctx))
+    if "R1b" in only and "passthrough" in ctx.rates:
+        scenario(ctx, "R1b", lambda: r1b(ctx))
+    if "R3" in only:
+        scenario(ctx, "R3", lambda: r3(ctx))
+    if "MEM" in only:
+        scenario(ctx, "MEM", lambda: mem(ctx))
+    if only & {"R4", "R6", "SEED"}:
+        receiver = Receiver(ctx.logs)
+        try:
+            if only & {"R4", "R6"}:
+                scenario(ctx, "R4", lambda: r4(ctx, receiver))
+            if "R6" in only and "sink" in ctx.rates:
+                scenario(ctx, "R6", lambda: r6(ctx, receiver))
+            if "SEED" in only:
+                scenario(ctx, "SEED", lambda: seed(ctx, receiver))
+        finally:
+            receiver.stop()
+
+
+def main() -> int:
+    try:
+        scale = float(os.environ.get("BENCH_SCALE", "1.0"))
+    except ValueError:
+        sys.stderr.write("BENCH_SCALE must be a number (e.g. 0.1)\n")
+        return 2
+    if not scale > 0:
+        sys.stderr.write("BENCH_SCALE must be greater than 0\n")
+        return 2
+    try:
+        client = json.loads(os.environ.get("BENCH_KAFKA_CLIENT") or "{}")
+    except ValueError:
+        client = None
+    if not isinstance(client, dict):
+        sys.stderr.write('BENCH_KAFKA_CLIENT must be a JSON object, e.g. {"linger.ms": 10}\n')
+        return 2
+    only = {s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()}
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        sys.stderr.write(f"BENCH_ONLY: unknown scenarios {sorted(unknown)}; know {SCENARIOS}\n")
+        return 2
+    os.environ[SECRET_ENV] = SECRET
+    if OUTPUT.exists():
+        shutil.rmtree(OUTPUT)
+    OUTPUT.mkdir(parents=True)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    with kafka_cluster() as cluster:
+        ctx = Ctx(cluster.bootstrap_servers, scale, OUTPUT, Topics(cluster.bootstrap_servers))
+        ctx.client = client
+        ctx.say(f"Kafka at {cluster.bootstrap_servers} ({cluster.kind}), BENCH_SCALE={scale}")
+        try:
+            run(ctx, only or set(SCENARIOS))
+        finally:
+            for p in list(ctx.procs):
+                ctx.stop(p)
+            ctx.topics.delete_all()
+            # No client of this process may outlive the broker (it would log reconnects).
+            del ctx.topics
+            gc.collect()
+    elapsed = time.monotonic() - started
+    notes = [
+        f"BENCH_SCALE={scale}; {os.cpu_count()} CPUs; Kafka {cluster.kind} at "
+        f"{cluster.bootstrap_servers}; total {elapsed:.0f} s; logs in {OUTPUT}",
+        "cpu = share of one core used by that process over the measured interval; load "
+        f"average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(above the CPU count, other work competed for the cores and rates are noisy)",
+        *([f"BENCH_KAFKA_CLIENT={json.dumps(client)}"] if client else []),
+        *([f"BENCH_ONLY={','.join(sorted(only))}"] if only else []),
+        *ctx.notes,
+    ]
+    print(render(ctx.rows, notes=notes, errors=ctx.errors))
+    return 1 if ctx.errors else 0
