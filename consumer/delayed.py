@@ -28,6 +28,10 @@ log = get_logger("delayed")
 TP = tuple[str, int]
 DueOf = Callable[[Message], int]
 
+#: How long a resumed partition still counts as held for metrics if none of its records is
+#: handed out (a fetcher that does not wake up must not hide overdue records for long).
+RESUME_GRACE_MS = 2000
+
 
 class PartitionView(NamedTuple):
     """One assigned partition, as the lag monitor sees it."""
@@ -72,6 +76,8 @@ class DelayedConsumer:
         self._held: dict[TP, _Held] = {}
         #: Per partition, the offset after the last record handed to the application (metrics).
         self._taken: dict[TP, int] = {}
+        #: Partitions resumed and not re-examined yet: held offset and resume time (metrics).
+        self._resumed: dict[TP, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._assigned: set[TP] = set()
         self._user_assign = on_assign
@@ -103,6 +109,7 @@ class DelayedConsumer:
                 tp = (p.topic, p.partition)
                 self._held.pop(tp, None)
                 self._taken.pop(tp, None)
+                self._resumed.pop(tp, None)
                 self._assigned.discard(tp)
 
     @property
@@ -122,6 +129,7 @@ class DelayedConsumer:
             if (topic, partition) not in self._assigned:
                 return
             self._held[(topic, partition)] = _Held(offset, until_ms)
+            self._resumed.pop((topic, partition), None)
         self.consumer.pause([tp])
         self.consumer.seek(tp)
 
@@ -133,10 +141,19 @@ class DelayedConsumer:
     def snapshot(self) -> dict[TP, PartitionView]:
         """Assigned partitions: where a held one waits, and how far records were handed out.
 
+        A partition resumed because its head became due still counts as held at that head
+        until a record of it is handed out (at most :data:`RESUME_GRACE_MS`): until its records
+        are fetched again nobody knows which of those behind the head are due, and calling
+        them all overdue for that instant would be wrong far more often than right.
+
         Safe from any thread: the lag monitor reads it (:mod:`consumer.lag`).
         """
+        now = self._clock()
         with self._lock:
             held = {tp: h.offset for tp, h in self._held.items()}
+            for tp, (offset, at) in self._resumed.items():
+                if now - at < RESUME_GRACE_MS:
+                    held.setdefault(tp, offset)
             return {tp: PartitionView(held.get(tp), self._taken.get(tp)) for tp in self._assigned}
 
     def next_due_ms(self) -> int | None:
@@ -147,7 +164,7 @@ class DelayedConsumer:
         with self._lock:
             due = [tp for tp, h in self._held.items() if h.until_ms <= now]
             for tp in due:
-                del self._held[tp]
+                self._resumed[tp] = (self._held.pop(tp).offset, now)
         if due and not self._throttled:
             self._resume([TopicPartition(t, p) for t, p in due])
 
@@ -157,14 +174,16 @@ class DelayedConsumer:
         librdkafka handles ``resume`` on its main thread; a broker thread with nothing left to
         fetch only notices up to ~1 s later (measured: 470 ms typical). A ListOffsets request to
         the leader wakes that broker thread at once (measured: p99 lateness 26 ms instead of
-        ~500 ms with fetch.wait.max.ms=20). It costs one round trip per resumed partition, and
-        only when a held partition becomes due, never per record.
+        ~500 ms with fetch.wait.max.ms=20). One request per call, not per partition: each is a
+        synchronous round trip on the polling thread, and per partition they took 37-40% of the
+        release and sink loops under load (make bench). With several brokers, only the first
+        partition's leader is woken at once; the others notice on their own (<= ~1 s).
         """
         self.consumer.resume(partitions)
-        for tp in partitions:
+        if partitions:
             # Only a wake-up: if it fails, the fetcher still resumes on its own.
             with contextlib.suppress(KafkaException):
-                self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                self.consumer.get_watermark_offsets(partitions[0], timeout=1.0, cached=False)
 
     def throttle(self, on: bool) -> None:
         """Back-pressure: pause every assigned partition while the application is saturated.
@@ -239,6 +258,8 @@ class DelayedConsumer:
             taken[tp] = (msg.offset() or 0) + 1
         with self._lock:
             self._taken.update((tp, o) for tp, o in taken.items() if tp in self._assigned)
+            for tp in taken:
+                self._resumed.pop(tp, None)
         return out
 
     def _fetch(self, max_records: int, wait: float) -> list[Message]:

@@ -94,6 +94,7 @@ class SinkWorker:
         self.tiers = settings.retry.tiers
         self.max_in_flight = settings.sink.max_in_flight
         self._batching = isinstance(self.adapter, BatchAdapter)
+        self._saturated = False
         self._partitions: dict[TP, _Partition] = {}
         self._tasks: dict[TP, set[asyncio.Task[None]]] = {}
         self._key_tail: dict[bytes, asyncio.Task[None]] = {}
@@ -151,14 +152,13 @@ class SinkWorker:
                 self.health.beat(self.name)
                 # A batch adapter's records wait in its open batches: capping them would stop
                 # the batches from ever filling. Its memory is bounded by its rotation size.
-                saturated = not self._batching and self._in_flight >= self.max_in_flight
-                consumer.throttle(saturated or not self.breaker.closed)
+                pause = self._should_pause()
                 room = (
                     500
                     if self._batching
                     else max(1, min(500, self.max_in_flight - self._in_flight))
                 )
-                messages = await self._loop.run_in_executor(poller, self._poll, room)
+                messages = await self._loop.run_in_executor(poller, self._poll, room, pause)
                 records_in.inc(len(messages))
                 for msg in messages:
                     self._dispatch(msg)
@@ -308,9 +308,26 @@ class SinkWorker:
             # A partition revoked meanwhile: its records will be consumed again elsewhere.
             log.debug("offsets not stored", extra={"fields": {"error": str(exc)[:100]}})
 
-    def _poll(self, room: int) -> list[Message]:
-        """Runs on the poll thread: store what finished, then fetch what is due."""
+    def _should_pause(self) -> bool:
+        """Back-pressure with hysteresis: pause at max_in_flight, resume at half of it, so the
+        partitions do not flap on every finished delivery. A batch adapter's records wait in its
+        open batches: capping them would stop the batches from ever filling (its memory is
+        bounded by its rotation size). An open circuit always pauses."""
+        if not self.breaker.closed:
+            return True
+        if self._batching:
+            return False
+        if self._in_flight >= self.max_in_flight:
+            self._saturated = True
+        elif self._in_flight <= self.max_in_flight // 2:
+            self._saturated = False
+        return self._saturated
+
+    def _poll(self, room: int, pause: bool) -> list[Message]:
+        """Runs on the poll thread (every consumer call stays there): apply back-pressure,
+        store what finished, then fetch what is due."""
         assert self._consumer is not None
+        self._consumer.throttle(pause)
         self._store_offsets()
         return self._consumer.poll_due(room, 0.2)
 
