@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install auto-trace with its development tools
 
 lint: install ## ruff (lint + format check) and mypy --strict on the package
-	$(VENV)/bin/ruff check consumer tests tools bench
-	$(VENV)/bin/ruff format --check consumer tests tools bench
-	$(VENV)/bin/mypy --strict consumer
+	$(VENV)/bin/ruff check consumer tests tools bench chaos
+	$(VENV)/bin/ruff format --check consumer tests tools bench chaos
+	$(VENV)/bin/mypy --strict consumer chaos bench
 
 format: install ## apply ruff's fixes and formatting
-	$(VENV)/bin/ruff check --fix consumer tests tools bench
-	$(VENV)/bin/ruff format consumer tests tools bench
+	$(VENV)/bin/ruff check --fix consumer tests tools bench chaos
+	$(VENV)/bin/ruff format consumer tests tools bench chaos
 
 test: lint ## lint, then the whole test suite against a real Kafka broker (started if needed)
 	$(PY) -c "from consumer.broker import ensure_broker_jars; print(ensure_broker_jars())"
@@ -42,6 +42,9 @@ integration: install ## only the tests against the real broker
 
 bench: install ## side-by-side throughput / lateness / memory ratios (BENCH_SCALE=0.1 to shrink)
 	$(PY) -m bench
+
+chaos: install ## the whole pipeline under SIGKILLs, broker restarts and poison input; exits 0 only if clean
+	$(PY) -m chaos $(CHAOS_ARGS)
 
 demo: install ## a local broker, the pipeline, a webhook receiver and sample trades, end to end
 	$(PY) -m consumer demo

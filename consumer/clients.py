@@ -13,14 +13,21 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from consumer.config import Settings
+from consumer.log import get_logger
 
 #: Largest record a stage produces. The ingest DLQ must be able to keep oversized input.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+#: librdkafka's own log lines (broker down, reconnects) go through Python logging, so they come
+#: out as structured log lines like everything else instead of raw text on stderr.
+_LIBRDKAFKA_LOG = get_logger("librdkafka")
+
+
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """Tunable defaults, then ``kafka.client``, then what the guarantees require."""
     return {
+        "logger": _LIBRDKAFKA_LOG,
         # Batching for throughput; a stage waits for acknowledgements per consumed batch anyway.
         "linger.ms": 5,
         "compression.type": "lz4",
@@ -35,6 +42,7 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
     """Tunable defaults, then ``kafka.client``, then what the guarantees require."""
     return {
+        "logger": _LIBRDKAFKA_LOG,
         "auto.commit.interval.ms": 1000,
         "auto.offset.reset": "earliest",
         **settings.kafka.librdkafka(),

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import (
-    ConsumerGroupTopicPartitions,
+    Consumer,
     KafkaException,
     TopicCollection,
     TopicPartition,
@@ -72,6 +72,7 @@ class LagMonitor:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._admin: AdminClient | None = None
+        self._readers: dict[str, Consumer] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Label sets set by the last refresh, so series of revoked partitions disappear.
@@ -86,6 +87,9 @@ class LagMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self._timeout_s * 3)
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -156,7 +160,7 @@ class LagMonitor:
                         overdue += max(0, end - max(done, view.taken or 0))
                     else:
                         waiting += max(0, end - view.held_at)
-                        held += 1
+                        held += 0 if view.resuming else 1
                 m.consumer_lag.labels(w.stage, w.group, topic).set(lag)
                 m.waiting.labels(w.stage, topic).set(waiting)
                 m.overdue.labels(w.stage, topic).set(overdue)
@@ -198,13 +202,32 @@ class LagMonitor:
         return _results(futures.items(), self._timeout_s)
 
     def _committed(self, group: str, tps: list[TopicPartition]) -> dict[TP, int]:
+        """Committed offsets through a consumer handle of that group that never subscribes.
+
+        Not ``AdminClient.list_consumer_group_offsets``: in librdkafka 2.16 an OffsetFetch
+        answer carrying a coordinator error (right after a broker restart) is handed to the
+        handle's consumer group, which an admin client does not have — the process died with
+        SIGSEGV in every chaos run with broker restarts. A never-subscribed consumer reads the
+        same offsets and survived repeated broker crashes.
+        """
         if not tps:
             return {}
-        futures = self._client().list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, tps)], request_timeout=self._timeout_s
-        )
-        result = futures[group].result(timeout=self._timeout_s)
-        return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions}
+        reader = self._readers.get(group)
+        if reader is None:
+            reader = Consumer(
+                {
+                    **self._settings.kafka.librdkafka(),
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                    "allow.auto.create.topics": False,
+                }
+            )
+            self._readers[group] = reader
+        out: dict[TP, int] = {}
+        for tp in reader.committed(tps, timeout=self._timeout_s):
+            if tp.error is None:
+                out[(tp.topic, tp.partition)] = tp.offset
+        return out
 
 
 def _results(items: Iterable[tuple[TopicPartition, Future[Any]]], timeout: float) -> dict[TP, int]:
