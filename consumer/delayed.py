@@ -40,6 +40,8 @@ class PartitionView(NamedTuple):
     held_at: int | None
     #: The offset after the last record handed to the application; None: none yet.
     taken: int | None
+    #: Resumed because its head became due, not re-examined yet (``held_at`` is that head).
+    resuming: bool = False
 
 
 @dataclass(slots=True)
@@ -150,11 +152,14 @@ class DelayedConsumer:
         """
         now = self._clock()
         with self._lock:
-            held = {tp: h.offset for tp, h in self._held.items()}
+            views = {tp: PartitionView(None, self._taken.get(tp)) for tp in self._assigned}
             for tp, (offset, at) in self._resumed.items():
-                if now - at < RESUME_GRACE_MS:
-                    held.setdefault(tp, offset)
-            return {tp: PartitionView(held.get(tp), self._taken.get(tp)) for tp in self._assigned}
+                if tp in views and now - at < RESUME_GRACE_MS:
+                    views[tp] = PartitionView(offset, views[tp].taken, resuming=True)
+            for tp, h in self._held.items():
+                if tp in views:
+                    views[tp] = PartitionView(h.offset, views[tp].taken)
+            return views
 
     def next_due_ms(self) -> int | None:
         with self._lock:
