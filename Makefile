@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install lint format test unit integration bench demo chaos helm image-check clean
+.PHONY: help install lint format test unit integration bench demo chaos helm image-check dashboards clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,8 +37,8 @@ test: lint ## lint, then the whole test suite against a real Kafka broker (start
 unit: install ## only the tests that need no broker
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: install ## only the tests against the real broker
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+integration: install ## only the tests against the real broker (and a real Prometheus)
+	$(PY) -m pytest tests/integration tests/observability $(PYTEST_ARGS)
 
 bench: install ## side-by-side throughput / lateness / memory ratios (BENCH_SCALE=0.1 to shrink)
 	$(PY) -m bench
@@ -56,5 +56,11 @@ helm: install ## chart: helm lint --strict + every ci/ scenario rendered and sch
 image-check: install ## the Dockerfile without a container engine: static checks, then its install steps
 	$(PY) tools/check_dockerfile.py --install
 
+dashboards: install ## redraw docs/dashboards/*.png from a real run (a minute of traffic; installs matplotlib)
+	rm -rf .dashboards
+	AUTO_TRACE_DASHBOARD_DUMP=.dashboards AUTO_TRACE_DASHBOARD_RUN_S=60 $(PY) -m pytest tests/observability/test_dashboards.py $(PYTEST_ARGS)
+	$(PY) -m pip install --quiet 'matplotlib>=3.9,<4'
+	$(PY) tools/render_dashboards.py .dashboards docs/dashboards
+
 clean: ## remove the virtualenv and caches (the broker jar cache in ~/.cache/auto-trace stays)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .dashboards
