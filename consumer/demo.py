@@ -59,6 +59,8 @@ SECRET_ENV = "AUTO_TRACE_DEMO_WEBHOOK_SECRET"
 HEALTHY = "tracker-a"
 FLAKY = "flaky-b"
 ADAPTERS = (HEALTHY, FLAKY)
+#: The file export: not tracked live (it writes in batches), checked once the pipeline stopped.
+ARCHIVE = "archive"
 #: Short tiers so that a retry is visible within seconds (production defaults start at 5s).
 DEFAULT_TIERS = "2s,4s,8s"
 #: Longer than the first tier on purpose: the policy must skip to the first tier that is at
@@ -1017,8 +1019,15 @@ def demo_config(
     tiers: Sequence[timedelta],
     urls: Mapping[str, str],
     metrics_port: int,
+    export_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The configuration as plain data: what runs is exactly what ``--config-out`` writes."""
+    exports: list[dict[str, Any]] = []
+    if export_dir is not None:
+        # JSON Lines files for auditors. Small batches so a handful of trades makes several
+        # files; what is still open at the end is written by the stop (no idle flush: the
+        # files stay exactly-once).
+        exports.append({"name": ARCHIVE, "type": "file", "path": str(export_dir), "max_records": 4})
     return {
         "kafka": {"bootstrap_servers": bootstrap_servers},
         "input": {"topic": f"{prefix}.trade.closed", "format": "json", "group": f"{prefix}-ingest"},
@@ -1034,7 +1043,8 @@ def demo_config(
                 "timeout": "5s",
             }
             for name in ADAPTERS
-        ],
+        ]
+        + exports,
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "shutdown": {"grace": "10s"},
         "logging": {"level": "INFO", "format": "text"},
@@ -1277,6 +1287,7 @@ def _with_receivers(
         tiers=tiers,
         urls={name: r.url for name, r in receivers.items()},
         metrics_port=port,
+        export_dir=work_dir / "export",
     )
     config_path = work_dir / "config.yaml"
     _write_config(config_path, config)
@@ -1659,6 +1670,33 @@ class Report:
             f"  personal fields found in the internal topics: {observer.records_with_personal} "
             f"(checked {observer.records_checked} records: delay, sink, retry and DLQ topics)",
             "good" if observer.records_with_personal == 0 else "bad",
+        )
+        self.export_summary(out)
+
+    def export_summary(self, out: Output) -> None:
+        """What the file adapter wrote: read back from disk once the stop flushed its batches."""
+        root = self.ctx.work_dir / "export"
+        files = sorted(root.rglob("*.jsonl")) if root.exists() else []
+        ids: list[str] = []
+        raw = b""
+        for path in files:
+            data = path.read_bytes()
+            raw += data
+            ids += [json.loads(line)["trade_id"] for line in data.splitlines() if line]
+        expected = {t["trade_id"] for t in self.trades}
+        exactly_once = sorted(ids) == sorted(expected)
+        out.line(
+            f"  file export ({ARCHIVE})     {len(set(ids) & expected)}/{len(expected)} trades in "
+            f"{len(files)} files under {root}"
+            + (", each exactly once" if exactly_once else f" ({len(ids)} lines)"),
+            "good" if exactly_once else "bad",
+        )
+        if files:
+            out.line(f"                           e.g. {files[0].relative_to(root)}", "dim")
+        leaked = [v for v in _personal_values(self.trades) if v.encode() in raw]
+        out.line(
+            f"  personal fields found in the exported files: {len(leaked)}",
+            "good" if not leaked else "bad",
         )
 
     def sample(self, out: Output) -> None:

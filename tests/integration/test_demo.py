@@ -70,6 +70,11 @@ def test_the_demo_settles_every_trade_and_shows_no_personal_data_after_the_input
     assert any(p in before for p in personal)  # so the check below can fail
     assert [p for p in personal if p in after] == []
     assert "personal fields found at the receivers: 0 " in after
+    # The file adapter exported every trade once, as JSON Lines, with nothing personal.
+    assert re.search(
+        r"file export \(archive\) +(\d+)/\1 trades in \d+ files .*each exactly once", after
+    )
+    assert "personal fields found in the exported files: 0" in after
     assert "personal fields found in the internal topics: 0 " in after
 
     # Every trade reached the healthy tracker; the flaky one dead-lettered exactly the 422.
@@ -88,8 +93,9 @@ def test_the_demo_settles_every_trade_and_shows_no_personal_data_after_the_input
 
     # The configuration it ran with, written as a starting example; secrets only by reference.
     config = yaml.safe_load(config_out.read_text())
-    assert [a["name"] for a in config["adapters"]] == [demo.HEALTHY, demo.FLAKY]
-    assert all(a["secrets"] == [{"env": demo.SECRET_ENV}] for a in config["adapters"])
+    assert [a["name"] for a in config["adapters"]] == [demo.HEALTHY, demo.FLAKY, demo.ARCHIVE]
+    hooks = [a for a in config["adapters"] if a["type"] == "webhook"]
+    assert all(a["secrets"] == [{"env": demo.SECRET_ENV}] for a in hooks)
     assert config["kafka"]["bootstrap_servers"] == bootstrap_servers
     assert (tmp_path / "work" / "pipeline.log").exists()
 
