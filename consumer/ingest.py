@@ -7,7 +7,6 @@ reason, and the stage moves on: a bad record never stops or stalls a partition. 
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from consumer import headers as h
-from consumer.clients import MAX_MESSAGE_BYTES, make_consumer, make_producer
+from consumer.clients import MAX_MESSAGE_BYTES
 from consumer.config import Settings
 from consumer.decode import Decoder, RegistryUnavailable, make_decoder
 from consumer.delayed import DelayedConsumer, now_ms
@@ -50,8 +49,10 @@ class IngestStage(LoopStage):
         decoder: Decoder | None = None,
         batch_size: int = 1000,
     ) -> None:
-        super().__init__(metrics, health)
-        self.settings = settings
+        super().__init__(settings, metrics, health)
+        self.group = settings.input.group
+        self.topic = settings.input.topic
+        self.max_poll_s = 0.5
         self.decoder = decoder if decoder is not None else make_decoder(settings.input)
         self.batch_size = batch_size
         self.window_ms = _ms(settings.delay.window)
@@ -61,40 +62,8 @@ class IngestStage(LoopStage):
         reasons = [DecodeError.reason_class, InvalidRecord.reason_class]
         metrics.init_stage(self.name, [self.delay_topic, self.dlq_topic], reasons)
 
-    def run(self, stop: threading.Event) -> None:
-        consumer = DelayedConsumer(
-            make_consumer(self.settings, self.settings.input.group),
-            due_of=lambda _msg: 0,
-            max_poll_s=0.5,
-            on_assign=self._on_rebalance,
-            on_revoke=self._on_rebalance,
-        )
-        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
-        consumer.subscribe([self.settings.input.topic])
-        self.metrics.watch_consumer(
-            self.name, self.settings.input.group, [self.settings.input.topic], consumer.snapshot
-        )
-        log.info(
-            "ingest started",
-            extra={
-                "fields": {"topic": self.settings.input.topic, "format": self.settings.input.format}
-            },
-        )
-        try:
-            while not stop.is_set():
-                self.health.beat(self.name)
-                messages = consumer.poll_due(self.batch_size)
-                if messages:
-                    self._handle(consumer, out, messages)
-        finally:
-            self.metrics.unwatch_consumer(self.name)
-            out.producer.flush(10)
-            consumer.close()
-            log.info("ingest stopped")
-
-    def _on_rebalance(self, _partitions: Any) -> None:
-        self.metrics.rebalances.labels(self.name).inc()
-        self.health.set_ready(self.name, True)
+    def _started(self) -> dict[str, Any]:
+        return {"topic": self.topic, "format": self.settings.input.format}
 
     def _handle(
         self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]

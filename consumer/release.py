@@ -7,13 +7,11 @@ decoded here: the due time is a header written by ingest.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from confluent_kafka import Message
 
 from consumer import headers as h
-from consumer.clients import make_consumer, make_producer
 from consumer.config import Settings
 from consumer.delayed import DelayedConsumer, now_ms
 from consumer.errors import ConfigError
@@ -38,46 +36,26 @@ class ReleaseStage(LoopStage):
     def __init__(
         self, settings: Settings, metrics: Metrics, health: Health, *, batch_size: int = 1000
     ) -> None:
-        super().__init__(metrics, health)
-        self.settings = settings
+        super().__init__(settings, metrics, health)
+        self.group = settings.delay.group
+        self.delayed = True
         self.batch_size = batch_size
         self.sinks = [sink_topic(settings, a.name) for a in settings.enabled_adapters()]
         if not self.sinks:
             raise ConfigError("adapters: release needs at least one enabled adapter")
         self.topic = delay_topic(settings)
+        self._held_gauge = metrics.held_partitions.labels(self.topic)
         metrics.init_stage(self.name, self.sinks)
         metrics.delay_window.set(settings.delay.window.total_seconds())
 
-    def run(self, stop: threading.Event) -> None:
-        consumer = DelayedConsumer(
-            make_consumer(self.settings, self.settings.delay.group, delayed=True),
-            due_of=due_ms,
-            on_assign=self._on_rebalance,
-            on_revoke=self._on_rebalance,
-        )
-        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
-        consumer.subscribe([self.topic])
-        self.metrics.watch_consumer(
-            self.name, self.settings.delay.group, [self.topic], consumer.snapshot
-        )
-        log.info("release started", extra={"fields": {"topic": self.topic, "sinks": self.sinks}})
-        held_gauge = self.metrics.held_partitions.labels(self.topic)
-        try:
-            while not stop.is_set():
-                self.health.beat(self.name)
-                messages = consumer.poll_due(self.batch_size)
-                held_gauge.set(len(consumer.held()))
-                if messages:
-                    self._handle(consumer, out, messages)
-        finally:
-            self.metrics.unwatch_consumer(self.name)
-            out.producer.flush(10)
-            consumer.close()
-            log.info("release stopped")
+    def due_of(self, msg: Message) -> int:
+        return due_ms(msg)
 
-    def _on_rebalance(self, _partitions: Any) -> None:
-        self.metrics.rebalances.labels(self.name).inc()
-        self.health.set_ready(self.name, True)
+    def _started(self) -> dict[str, Any]:
+        return {"topic": self.topic, "sinks": self.sinks}
+
+    def _turned(self, consumer: DelayedConsumer) -> None:
+        self._held_gauge.set(len(consumer.held()))
 
     def _handle(
         self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]

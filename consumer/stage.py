@@ -10,12 +10,13 @@ again: duplicates are possible (at-least-once), loss is not.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 
 from consumer import headers as h
+from consumer.clients import make_consumer, make_producer
+from consumer.config import Settings
 from consumer.delayed import DelayedConsumer
 from consumer.health import Health
 from consumer.log import get_logger
@@ -106,21 +107,68 @@ def rewind_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
 
 
 class LoopStage:
-    """A stage that turns a poll loop until ``stop`` is set; subclasses handle batches."""
+    """A batch stage (ingest, release): poll due records, handle them, until ``stop`` is set.
+
+    Subclasses say which group and topic they read (:attr:`group`, :attr:`topic`), how due
+    times are read (:meth:`due_of`) and what a batch becomes (:meth:`_handle`).
+    """
 
     name = "stage"
+    #: Consumer group and input topic, set by the subclass.
+    group: str
+    topic: str
+    #: A delayed topic's consumer holds partitions until their head is due.
+    delayed = False
+    batch_size = 1000
+    max_poll_s = 1.0
 
-    def __init__(self, metrics: Metrics, health: Health) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, health: Health) -> None:
+        self.settings = settings
         self.metrics = metrics
         self.health = health
         health.register(self.name)
 
-    def _track_assignment(self, consumer: DelayedConsumer) -> Callable[[Any], None]:
-        def on_change(_partitions: Any) -> None:
-            self.metrics.rebalances.labels(self.name).inc()
-            self.health.set_ready(self.name, True)
+    def due_of(self, msg: Message) -> int:
+        """Due time in epoch ms; 0: at once."""
+        return 0
 
-        return on_change
+    def _started(self) -> dict[str, Any]:
+        """Fields of the ``started`` log line."""
+        return {"topic": self.topic}
+
+    def _turned(self, consumer: DelayedConsumer) -> None:
+        """Called after every poll (for gauges)."""
+
+    def _handle(
+        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
+    ) -> None:
+        raise NotImplementedError
+
+    def _on_rebalance(self, _partitions: Any) -> None:
+        self.metrics.rebalances.labels(self.name).inc()
+        self.health.set_ready(self.name, True)
 
     def run(self, stop: threading.Event) -> None:
-        raise NotImplementedError
+        consumer = DelayedConsumer(
+            make_consumer(self.settings, self.group, delayed=self.delayed),
+            due_of=self.due_of,
+            max_poll_s=self.max_poll_s,
+            on_assign=self._on_rebalance,
+            on_revoke=self._on_rebalance,
+        )
+        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
+        consumer.subscribe([self.topic])
+        self.metrics.watch_consumer(self.name, self.group, [self.topic], consumer.snapshot)
+        log.info(f"{self.name} started", extra={"fields": self._started()})  # noqa: G004
+        try:
+            while not stop.is_set():
+                self.health.beat(self.name)
+                messages = consumer.poll_due(self.batch_size)
+                self._turned(consumer)
+                if messages:
+                    self._handle(consumer, out, messages)
+        finally:
+            self.metrics.unwatch_consumer(self.name)
+            out.producer.flush(10)
+            consumer.close()
+            log.info(f"{self.name} stopped")  # noqa: G004
