@@ -10,9 +10,18 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 LOGGER_NAME = "auto_trace"
+
+#: The stage a thread (or asyncio task) works for: every line it logs names it, so `--role all`
+#: logs can be told apart without each call passing it.
+_stage: ContextVar[str | None] = ContextVar("auto_trace_stage", default=None)
+
+
+def set_stage(name: str) -> None:
+    _stage.set(name)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -28,6 +37,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        stage = _stage.get()
+        if stage is not None:
+            payload["stage"] = stage
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             payload.update(fields)
@@ -40,6 +52,9 @@ class _JsonFormatter(logging.Formatter):
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = dict(getattr(record, "fields", None) or {})
+        stage = _stage.get()
+        if stage is not None:
+            fields = {"stage": stage, **fields}
         if record.exc_info and record.exc_info[0] is not None:
             fields["exc_class"] = record.exc_info[0].__name__
         extra = " ".join(f"{k}={v}" for k, v in fields.items())

@@ -35,7 +35,7 @@ from consumer.config import AdapterSettings, Settings
 from consumer.delayed import TP, DelayedConsumer, now_ms
 from consumer.errors import DeliveryError, RetriableDeliveryError
 from consumer.health import Health
-from consumer.log import get_logger
+from consumer.log import get_logger, set_stage
 from consumer.metrics import Metrics
 from consumer.policy import DeadLetter, Retry, next_step
 from consumer.records import decode_trace, idempotency_key
@@ -116,6 +116,7 @@ class SinkWorker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        set_stage(self.name)  # asyncio.run copies the context into every delivery task
         asyncio.run(self._main(stop))
 
     async def _main(self, stop: threading.Event) -> None:
@@ -131,7 +132,9 @@ class SinkWorker:
         self._consumer = consumer
         acks = threading.Thread(target=self._serve_acks, name=f"{self.name}-acks", daemon=True)
         acks.start()
-        poller = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-poll")
+        poller = ThreadPoolExecutor(
+            1, thread_name_prefix=f"{self.name}-poll", initializer=set_stage, initargs=(self.name,)
+        )
         await self.adapter.start()
         consumer.subscribe([self.sink_topic, *self.retry_topics])
         topics = [self.sink_topic, *self.retry_topics]

@@ -19,7 +19,7 @@ from consumer.clients import make_consumer, make_producer
 from consumer.config import Settings
 from consumer.delayed import DelayedConsumer
 from consumer.health import Health
-from consumer.log import get_logger
+from consumer.log import get_logger, set_stage
 from consumer.metrics import Metrics
 
 log = get_logger("stage")
@@ -149,6 +149,7 @@ class LoopStage:
         self.health.set_ready(self.name, True)
 
     def run(self, stop: threading.Event) -> None:
+        set_stage(self.name)
         consumer = DelayedConsumer(
             make_consumer(self.settings, self.group, delayed=self.delayed),
             due_of=self.due_of,

@@ -104,6 +104,9 @@ def test_run_all_serves_health_and_metrics_delivers_and_exits_0_on_sigterm(
             _, stderr = proc.communicate(timeout=10)
     events = [line for line in stderr.splitlines() if line.startswith("{")]
     assert any('"event": "signal received; shutting down"' in e for e in events)
+    # Lines from a stage's threads name the stage (several run in one process here).
+    for stage in ("ingest", "release", "sink:hook"):
+        assert any(f'"stage": "{stage}"' in e for e in events), stage
     for trade in trades:  # the structured log carries no personal value
         for field in ("user_email", "user_name", "account_id", "client_ip"):
             if trade[field]:
