@@ -25,11 +25,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import FrameType, TracebackType
-from typing import Any, Self
+from types import FrameType
+from typing import Any
 
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from consumer._loopback import LoopbackServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +139,15 @@ def _as_reply(answer: Reply | int | None) -> Reply:
     return answer
 
 
-class WebhookReceiver:
+class WebhookReceiver(LoopbackServer):
     """A webhook endpoint on 127.0.0.1 that records every request it gets.
 
     Use it as a context manager: entering returns once the port is listening, leaving closes
     every connection and joins the thread, so no socket or thread outlives the ``with``.
     """
+
+    _label = "the receiver"
+    _thread_name = "webhook-receiver"
 
     def __init__(
         self,
@@ -156,68 +161,17 @@ class WebhookReceiver:
     ) -> None:
         """``keep=False`` only counts requests (long benchmarks would otherwise hold every body);
         ``on_receive`` is called in the server thread for each request, after it is recorded."""
+        super().__init__(host, port)
         self._webhook = Webhook(secret) if secret is not None else None
         self._policy = fail
-        self._host = host
-        self._port = port
         self._keep = keep
         self._on_receive = on_receive
         self._cond = threading.Condition()
         self._received: list[Received] = []
         self._count = 0
         self._seq = itertools.count(1)
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._bound_port: int | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the receiver is already started")
-        self._ready.clear()
-        self._startup_error = None
-        self._thread = threading.Thread(target=self._run, name="webhook-receiver", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            self._thread.join()
-            self._thread = None
-            raise self._startup_error
-
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            # The loop may have ended on its own (a crash): then there is nothing to wake.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stopping.set)
-        thread.join()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what tests read -------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._bound_port is None:
-            raise RuntimeError("the receiver is not started")
-        return self._bound_port
 
     @property
     def url(self) -> str:
@@ -269,30 +223,10 @@ class WebhookReceiver:
 
     # -- the server thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), which re-raises it
-            self._startup_error = exc
-        finally:
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+    def _make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        # A short shutdown: handlers held back by a delay are woken by _stopping anyway.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-            self._bound_port = int(runner.addresses[0][1])
-            self._ready.set()
-            await self._stopping.wait()
-        finally:
-            await runner.cleanup()
+        return app
 
     def _verify(self, body: bytes, headers: dict[str, str]) -> bool | None:
         if self._webhook is None:

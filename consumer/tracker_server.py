@@ -43,11 +43,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from types import FrameType, TracebackType
-from typing import Any, Literal, Self
+from types import FrameType
+from typing import Any, Literal
 from urllib.parse import quote
 
 from aiohttp import web
+
+from consumer._loopback import LoopbackServer
 
 #: Paths under ``base_url``; the adapter's defaults.
 LOGIN_PATH = "/login.json"
@@ -207,12 +209,15 @@ def validate_trade(payload: Any) -> str | None:
     return None
 
 
-class TrackerServer:
+class TrackerServer(LoopbackServer):
     """A tracker API on 127.0.0.1 that enforces sessions and stores the trades it accepts.
 
     Use it as a context manager: entering returns once the port is listening, leaving closes
     every connection and joins the thread.
     """
+
+    _label = "the tracker server"
+    _thread_name = "tracker-server"
 
     def __init__(
         self,
@@ -233,14 +238,13 @@ class TrackerServer:
         called in the server thread for each stored trade."""
         if rate_limit is not None and rate_limit <= 0:
             raise ValueError("rate_limit must be positive")
+        super().__init__(host, port)
         self._email = email
         self._password = password
         self._ttl = session_ttl
         self._bucket = _Bucket(rate_limit) if rate_limit is not None else None
         self._expired_reply: ExpiredReply = expired_reply
         self._record_error_status = record_error_status
-        self._host = host
-        self._port = port
         self._on_store = on_store
         self._cond = threading.Condition()
         # token -> monotonic expiry (inf: never)
@@ -255,57 +259,8 @@ class TrackerServer:
         }
         self._invalid_answers = itertools.count()
         self._seq = itertools.count(1)
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._bound_port: int | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the tracker server is already started")
-        self._ready.clear()
-        self._startup_error = None
-        self._thread = threading.Thread(target=self._run, name="tracker-server", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            self._thread.join()
-            self._thread = None
-            raise self._startup_error
-
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stopping.set)
-        thread.join()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what tests read and steer ---------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._bound_port is None:
-            raise RuntimeError("the tracker server is not started")
-        return self._bound_port
 
     @property
     def base_url(self) -> str:
@@ -363,32 +318,13 @@ class TrackerServer:
 
     # -- the server thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), which re-raises it
-            self._startup_error = exc
-        finally:
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+    def _make_app(self) -> web.Application:
+        # The base server keeps no access log: these URLs carry passwords and sessions.
         app = web.Application()
         app.router.add_get(_PREFIX + LOGIN_PATH, self._login)
         app.router.add_post(_PREFIX + POST_PATH, self._post)
         app.router.add_get(_PREFIX + LOGOUT_PATH, self._logout)
-        # No access log: the URLs carry passwords and sessions.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._port)
-            await site.start()
-            self._bound_port = int(runner.addresses[0][1])
-            self._ready.set()
-            await self._stopping.wait()
-        finally:
-            await runner.cleanup()
+        return app
 
     def _count(self, **increments: int) -> None:
         # Called with self._cond held.
