@@ -86,7 +86,7 @@ ISO_4217_CODES = frozenset(
 #: Earliest time accepted. Every epoch-seconds value up to the year 2286 is below this when read
 #: as milliseconds, so the unit mix-up cannot pass.
 MIN_TIME = datetime(2000, 1, 1, tzinfo=UTC)
-_MIN_TIME_MS = int(MIN_TIME.timestamp() * 1000)
+MIN_TIME_MS = int(MIN_TIME.timestamp() * 1000)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: Longest reason kept: a DLQ header and a log field, not a report.
@@ -98,7 +98,9 @@ _Q = Decimal(1).scaleb(-DECIMAL_SCALE)
 _EXACT = Context(prec=28, traps=[InvalidOperation, Inexact])
 # re.ASCII: \d would otherwise match any script's digits, which Decimal() accepts too.
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?",
     re.ASCII,
@@ -180,7 +182,7 @@ def _timestamp(value: Any) -> datetime:
             # fromisoformat's message quotes the input: keep ours.
             raise _rule("time_range", "not a valid date and time") from None
     elif isinstance(value, int) and not isinstance(value, bool):
-        if value < _MIN_TIME_MS:
+        if value < MIN_TIME_MS:
             raise _rule(
                 "time_too_early", "epoch milliseconds before 2000 (seconds given instead of ms?)"
             )
@@ -198,7 +200,7 @@ def _timestamp(value: Any) -> datetime:
 def _uuid_text(value: Any) -> str:
     if not isinstance(value, str):
         raise _rule("string_type", "expected a string")
-    if not _UUID.fullmatch(value):
+    if not UUID_TEXT.fullmatch(value):
         raise _rule("uuid_syntax", "not a UUID (8-4-4-4-12 hex digits)")
     return value
 
@@ -393,8 +395,11 @@ def record_key(trade: TradeClosed) -> bytes:
 
 __all__ = [
     "ISO_4217_CODES",
+    "MAX_INTEGER_DIGITS",
+    "MIN_TIME_MS",
     "PERSONAL_FIELDS",
     "TRACE_FIELDS",
+    "UUID_TEXT",
     "TradeClosed",
     "epoch_ms",
     "project",
