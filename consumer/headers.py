@@ -71,6 +71,30 @@ def get_int(headers: RawHeaders, name: str) -> int | None:
         return None
 
 
+def get_ints(headers: RawHeaders, *names: str) -> list[int | None]:
+    """Several integer headers in one pass, each as :func:`get_int` would read it.
+
+    The sink reads two or three of them for every record; one :func:`get_int` each copied and
+    scanned the header list every time.
+    """
+    found: dict[str, str | bytes | None] = {}
+    if headers:
+        for key, value in headers.items() if isinstance(headers, dict) else headers:
+            if key in names:
+                found[key] = value  # the last one wins, as in get()
+    out: list[int | None] = []
+    for name in names:
+        value = found.get(name)
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            out.append(int(value))
+        except ValueError:
+            out.append(None)
+    return out
+
+
 def replace(headers: RawHeaders, updates: Iterable[tuple[str, str | int]]) -> Headers:
     """A copy of ``headers`` with each update set once (old values of that name dropped)."""
     new: Headers = [(k, str(v).encode("ascii", "replace")) for k, v in updates]

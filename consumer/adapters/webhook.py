@@ -4,9 +4,10 @@ Receivers verify us with any Standard Webhooks library (https://www.standardwebh
 ``webhook-id`` is the delivery's idempotency key, so it is also what they deduplicate on, and it
 is repeated as ``Idempotency-Key`` for receivers that only know that convention.
 
-The HTTP client is httpx with an aiohttp-backed transport by default: httpx's own connection
-pool slows down as concurrency grows (FACTS.md), aiohttp's does not. ``transport="httpx"``
-keeps the plain transport for comparison.
+The default transport is a plain aiohttp session: httpx's own connection pool slows down as
+concurrency grows (FACTS.md), and even httpx's API over an aiohttp transport cost more than
+twice the CPU per request of aiohttp itself (``make bench`` R4), which is the sink worker's
+ceiling. ``transport="httpx"`` keeps a plain httpx client for comparison.
 
 Every error message here ends up in a dead-letter header and a log line, so it says what kind
 of failure happened and nothing else: no URL (it may carry a token), no response body, no
@@ -22,18 +23,19 @@ import hashlib
 import hmac
 import re
 import time
+import urllib.request
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Final, Literal
 
 import aiohttp
 import httpx
-from httpx_aiohttp import HttpxAiohttpClient
+import yarl
 
 from consumer.adapters.base import Adapter, Delivery
 from consumer.config import SecretRef, WebhookAdapterSettings, format_duration
 from consumer.errors import ConfigError, FatalDeliveryError, RetriableDeliveryError
-from consumer.records import to_json_bytes
+from consumer.tracecodec import to_json_bytes
 
 Transport = Literal["aiohttp", "httpx"]
 
@@ -110,6 +112,13 @@ class WebhookAdapter(Adapter):
         # AUTHORIZATION header with ... credentials encoded in URL").
         self._auth = httpx.BasicAuth(url.username, url.password) if url.userinfo else None
         self._url = url.copy_with(userinfo=b"")
+        # aiohttp deprecates its BasicAuth helper: the header is built once, here.
+        self._aio_auth: dict[str, str] = {}
+        if url.userinfo:
+            pair = f"{url.username}:{url.password}".encode()
+            self._aio_auth["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        # Already percent-encoded by httpx: aiohttp must send it byte for byte.
+        self._aio_url = yarl.URL(str(self._url), encoded=True)
         clashes = sorted(h for h in settings.headers if h.lower() in _RESERVED_HEADERS)
         if clashes:
             raise ConfigError(
@@ -122,6 +131,9 @@ class WebhookAdapter(Adapter):
         self._concurrency = settings.concurrency
         self._transport: Transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy: yarl.URL | None = None
+        self._proxy_headers: dict[str, str] = {}
 
     @staticmethod
     def _load_key(path: str, ref: SecretRef) -> bytes:
@@ -148,27 +160,52 @@ class WebhookAdapter(Adapter):
         )
 
     async def start(self) -> None:
-        if self._client is not None:
+        if self._client is not None or self._session is not None:
             return
-        limits = httpx.Limits(
-            max_connections=self._concurrency, max_keepalive_connections=self._concurrency
-        )
-        timeout = httpx.Timeout(self._timeout)
         if self._transport == "aiohttp":
-            # HttpxAiohttpClient (not AsyncClient(transport=...)) so that proxies taken from the
-            # environment go through aiohttp as well.
-            self._client = HttpxAiohttpClient(timeout=timeout, limits=limits)
+            self._resolve_proxy()
+            # No session timeout: deliver() bounds each whole call itself. No trust_env: it
+            # re-reads the environment and parses ~/.netrc on every request (~0.3 ms of CPU
+            # each, measured), so the proxy is resolved once, above.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._concurrency),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
         else:
-            self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+            limits = httpx.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            )
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self._timeout), limits=limits)
+
+    def _resolve_proxy(self) -> None:
+        """The proxy for the one URL this adapter posts to, from ``HTTP_PROXY``/``HTTPS_PROXY``
+        and ``NO_PROXY``, as httpx and curl read them. Credentials in the proxy URL become a
+        ``Proxy-Authorization`` header so they never travel in a request line."""
+        host = self._url.host
+        proxy = urllib.request.getproxies_environment().get(self._url.scheme)
+        if not proxy or urllib.request.proxy_bypass(host):
+            self._proxy, self._proxy_headers = None, {}
+            return
+        try:
+            url = httpx.URL(proxy)
+        except httpx.InvalidURL:
+            raise ConfigError(f"{self._url.scheme}_proxy: not a valid URL") from None
+        self._proxy_headers = {}
+        if url.userinfo:
+            pair = f"{url.username}:{url.password}".encode()
+            self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        self._proxy = yarl.URL(str(url.copy_with(userinfo=b"")), encoded=True)
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def deliver(self, delivery: Delivery) -> None:
-        client = self._client
-        if client is None:
+        if self._client is None and self._session is None:
             raise RuntimeError("WebhookAdapter.start() must be awaited before deliver()")
         body = to_json_bytes(delivery.record)
         msg_id = delivery.idempotency_key
@@ -185,7 +222,11 @@ class WebhookAdapter(Adapter):
             # httpx's timeout is per phase (connect, each read, ...); this bounds the whole
             # call, so a receiver trickling bytes cannot hold a worker slot forever.
             async with asyncio.timeout(self._timeout):
-                status, retry_after = await self._post(client, body, headers)
+                if self._session is not None:
+                    status, retry_after = await self._post_aiohttp(self._session, body, headers)
+                else:
+                    assert self._client is not None
+                    status, retry_after = await self._post(self._client, body, headers)
         except (TimeoutError, httpx.RequestError, aiohttp.ClientError) as exc:
             raise self._transport_failure(exc) from exc
         if 200 <= status < 300:
@@ -205,10 +246,33 @@ class WebhookAdapter(Adapter):
                 pass
             return response.status_code, response.headers.get("retry-after")
 
+    async def _post_aiohttp(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str | None]:
+        # allow_redirects=False: as with httpx, a redirect is an answer (fatal), not a new
+        # destination for a signed body.
+        if self._aio_auth:
+            headers = {**headers, **self._aio_auth}
+        if self._proxy_headers and self._url.scheme == "http":
+            # A plain-HTTP request goes to the proxy itself, so its credentials ride on it;
+            # for https aiohttp sends proxy_headers on the CONNECT that opens the tunnel.
+            headers = {**headers, **self._proxy_headers}
+        request = session.post(
+            self._aio_url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers or None,
+        )
+        async with request as response:
+            # Drain without keeping the body, so the connection goes back to the pool.
+            while await response.content.readany():
+                pass
+            return response.status, response.headers.get("retry-after")
+
     def _transport_failure(self, exc: BaseException) -> RetriableDeliveryError:
-        # httpx-aiohttp maps every aiohttp.ClientConnectionError (refused, reset, disconnected)
-        # to httpx.ConnectTimeout; the aiohttp cause tells what really happened.
-        cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+        cause = exc
         if isinstance(cause, TimeoutError | httpx.TimeoutException):
             return RetriableDeliveryError(f"timeout after {self._timeout_text}")
         return RetriableDeliveryError(f"connection error: {type(cause).__name__}")

@@ -425,3 +425,42 @@ def test_receiver_runs_as_a_process_printing_json_lines(monkeypatch: pytest.Monk
     assert lines[0]["webhook_id"] == "m1"
     assert lines[0]["payload"] == {"a": "1.10"}
     assert lines[0]["verified"] is False  # unsigned
+
+
+# -- proxies -----------------------------------------------------------------------------------
+
+
+def test_the_proxy_from_the_environment_carries_the_request(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The receiver stands in for a forward proxy: a proxied plain-HTTP request reaches it with
+    # the destination's absolute URL, and the proxy's credentials as Proxy-Authorization.
+    with WebhookReceiver() as proxy:
+        where = proxy.url.split("/")[2]
+        monkeypatch.setenv("HTTP_PROXY", f"http://px:s3cret@{where}")
+        monkeypatch.delenv("http_proxy", raising=False)
+        monkeypatch.setenv("NO_PROXY", "")
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert run(make_settings("http://tracker.invalid/webhook"), delivery()) == [None]
+        (got,) = proxy.received
+    assert got.headers["host"] == "tracker.invalid"
+    assert got.path == "/webhook"
+    assert got.headers["proxy-authorization"] == "Basic " + base64.b64encode(b"px:s3cret").decode()
+
+
+def test_no_proxy_sends_straight_to_the_receiver(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("no_proxy", raising=False)
+    with WebhookReceiver() as receiver:
+        assert run(make_settings(receiver.url), delivery()) == [None]
+        assert len(receiver.received) == 1
+    # And without the exemption the (closed) proxy is really used: the call fails.
+    monkeypatch.setenv("NO_PROXY", "")
+    with WebhookReceiver() as receiver:
+        (err,) = run(make_settings(receiver.url), delivery())
+        assert isinstance(err, RetriableDeliveryError)
+        assert receiver.received == []
