@@ -170,6 +170,10 @@ class WebhookAdapter(Adapter):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._concurrency),
                 timeout=aiohttp.ClientTimeout(total=None),
+                # A webhook carries no session: cookies a receiver sets are never sent back,
+                # and the jar's per-request filtering is not paid for.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
             )
         else:
             limits = httpx.Limits(
