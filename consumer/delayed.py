@@ -32,6 +32,12 @@ DueOf = Callable[[Message], int]
 #: handed out (a fetcher that does not wake up must not hide overdue records for long).
 RESUME_GRACE_MS = 2000
 
+#: How long a partition whose seek back failed waits before it is tried again.
+SEEK_RETRY_MS = 100
+
+#: Records taken from librdkafka's queue at a time (see :meth:`DelayedConsumer.poll_due`).
+CONSUME_CHUNK = 32
+
 
 class PartitionView(NamedTuple):
     """One assigned partition, as the lag monitor sees it."""
@@ -122,18 +128,22 @@ class DelayedConsumer:
     # -- holding partitions -----------------------------------------------------------------
 
     def hold(self, topic: str, partition: int, offset: int, until_ms: int) -> None:
-        """Pause a partition and rewind it to ``offset`` until ``until_ms``.
+        """Pause a partition until ``until_ms``; it is rewound to ``offset`` when resumed.
+
+        Pausing drops the partition's fetched records from librdkafka's queue (verified), so
+        nothing behind ``offset`` is handed out meanwhile. The seek back to ``offset`` is made
+        when the partition is resumed (:meth:`_resume_at`), where it also wakes the fetcher:
+        seeking here as well cost a second synchronous seek and a second broker request per
+        hold, and a release holds every partition tens of times a second (make bench R3).
 
         Also used by ingest to back off a partition while the Schema Registry is unreachable.
         """
-        tp = TopicPartition(topic, partition, offset)
         with self._lock:
             if (topic, partition) not in self._assigned:
                 return
             self._held[(topic, partition)] = _Held(offset, until_ms)
             self._resumed.pop((topic, partition), None)
-        self.consumer.pause([tp])
-        self.consumer.seek(tp)
+        self.consumer.pause([TopicPartition(topic, partition)])
 
     def held(self) -> dict[TP, int]:
         """Held partitions and when each is due (for metrics and tests)."""
@@ -166,29 +176,93 @@ class DelayedConsumer:
             return min((h.until_ms for h in self._held.values()), default=None)
 
     def _resume_due(self, now: int) -> None:
+        if self._throttled:
+            # Held partitions stay held (and paused) until back-pressure lifts: resuming one
+            # must seek it back to its head, and only this path does.
+            return
         with self._lock:
-            due = [tp for tp, h in self._held.items() if h.until_ms <= now]
-            for tp in due:
-                self._resumed[tp] = (self._held.pop(tp).offset, now)
-        if due and not self._throttled:
-            self._resume([TopicPartition(t, p) for t, p in due])
+            due = [(tp, h.offset) for tp, h in self._held.items() if h.until_ms <= now]
+            for tp, offset in due:
+                del self._held[tp]
+                self._resumed[tp] = (offset, now)
+        if due:
+            self._resume_at([TopicPartition(t, p, offset) for (t, p), offset in due])
+
+    def _resume_at(self, partitions: list[TopicPartition]) -> None:
+        """Resume held partitions and seek each back to the offset it was held at.
+
+        The seek comes after the resume because it is also the wake-up. librdkafka handles
+        ``resume`` on its main thread; a broker thread with nothing left to fetch only notices
+        up to ~1 s later (measured: 700 ms). A seek to an offset above 0 makes librdkafka
+        validate the position with the partition's leader (an OffsetForLeaderEpoch request),
+        and that request wakes the leader's broker thread at once: the first record arrives
+        1-3 ms after the resume, as fast as with the ListOffsets round trip of :meth:`_resume`,
+        without blocking the polling thread on the broker (under make bench R3 that round trip
+        cost the release loop ~9 ms per resume, queued behind fetches on the broker
+        connection). Records fetched between the resume and the seek are dropped by the seek.
+        A seek to offset 0 sends no request (librdkafka validates only positive offsets) and
+        wakes nothing: there the ListOffsets wake-up is used as well.
+        """
+        self.consumer.resume([TopicPartition(tp.topic, tp.partition) for tp in partitions])
+        unwoken: TopicPartition | None = None
+        for tp in partitions:
+            try:
+                self.consumer.seek(tp)
+            except KafkaException as exc:
+                self._seek_failed(tp, exc)
+                continue
+            if tp.offset <= 0:
+                unwoken = tp
+        if unwoken is not None:
+            self._wake(TopicPartition(unwoken.topic, unwoken.partition))
+
+    def _seek_failed(self, tp: TopicPartition, exc: KafkaException) -> None:
+        """A resumed partition must not fetch on from beyond its held record: hold it again
+        and retry shortly (a revoked one is simply dropped by :meth:`hold`)."""
+        log.warning(
+            "seek back to a held record failed; holding again",
+            extra={
+                "fields": {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": tp.offset,
+                    "error": str(exc)[:200],
+                }
+            },
+        )
+        self.hold(tp.topic, tp.partition, tp.offset, self._clock() + SEEK_RETRY_MS)
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        """Resume, then wake the fetcher of each partition's leader.
+        """Resume partitions whose position is unknown here (back-pressure lifted), then wake
+        the fetcher of the first one's leader.
 
-        librdkafka handles ``resume`` on its main thread; a broker thread with nothing left to
-        fetch only notices up to ~1 s later (measured: 470 ms typical). A ListOffsets request to
-        the leader wakes that broker thread at once (measured: p99 lateness 26 ms instead of
-        ~500 ms with fetch.wait.max.ms=20). One request per call, not per partition: each is a
-        synchronous round trip on the polling thread, and per partition they took 37-40% of the
-        release and sink loops under load (make bench). With several brokers, only the first
-        partition's leader is woken at once; the others notice on their own (<= ~1 s).
+        Without a known offset to seek to, a ListOffsets request to the leader is the wake-up
+        (see :meth:`_resume_at`): one per call, not per partition, because each is a
+        synchronous round trip on the polling thread (per partition they took 37-40% of the
+        sink loop under load). With several brokers, only the first partition's leader is
+        woken at once; the others notice on their own (<= ~1 s).
         """
         self.consumer.resume(partitions)
         if partitions:
-            # Only a wake-up: if it fails, the fetcher still resumes on its own.
-            with contextlib.suppress(KafkaException):
-                self.consumer.get_watermark_offsets(partitions[0], timeout=1.0, cached=False)
+            self._wake(partitions[0])
+
+    def _wake(self, partition: TopicPartition) -> None:
+        # Only a wake-up: if it fails, the fetcher still resumes on its own.
+        with contextlib.suppress(KafkaException):
+            self.consumer.get_watermark_offsets(partition, timeout=1.0, cached=False)
+
+    def rewind(self, topic: str, partition: int, offset: int) -> None:
+        """Fetch a partition again from ``offset`` (its outputs failed), held or not.
+
+        It is held at ``offset`` until now: the next poll resumes it and seeks it back there,
+        through the same path as any due partition (so a held partition's later head is
+        forgotten, and back-pressure still applies).
+        """
+        self.hold(topic, partition, offset, self._clock())
+
+    @property
+    def throttled(self) -> bool:
+        return self._throttled
 
     def throttle(self, on: bool) -> None:
         """Back-pressure: pause every assigned partition while the application is saturated.
@@ -209,27 +283,58 @@ class DelayedConsumer:
     # -- polling ----------------------------------------------------------------------------
 
     def poll_timeout(self, now: int) -> float:
-        """Never longer than the time until the next held partition is due."""
-        next_due = self.next_due_ms()
+        """Never longer than the time until the next held partition is due (while
+        back-pressure pauses everything, no held partition can be resumed anyway)."""
+        next_due = None if self._throttled else self.next_due_ms()
         if next_due is None:
             return self._max_poll_s
         return max(0.0, min(self._max_poll_s, (next_due - now) / 1000.0))
 
     def poll_due(self, max_records: int = 500, timeout: float | None = None) -> list[Message]:
-        """Due records in partition order; errors other than partition EOF are raised."""
+        """Due records in partition order; errors other than partition EOF are raised.
+
+        Records are taken from librdkafka's queue :data:`CONSUME_CHUNK` at a time: once a
+        partition is held, pausing it drops the rest of it from the queue inside librdkafka
+        (verified), so the records fetched behind a head that is not due never become Python
+        objects. In make bench R3 each resume refetches a partition's whole waiting window, and
+        taking 1,000 at a time built ~28 messages for every one released.
+        """
         now = self._clock()
         self._resume_due(now)
         if self._throttled:
             # Partitions assigned since throttling began must respect back-pressure too.
             self.consumer.pause([TopicPartition(t, p) for t, p in self.assigned])
         wait = self.poll_timeout(now) if timeout is None else min(timeout, self.poll_timeout(now))
-        messages = self._fetch(max_records, wait)
-        if not messages:
-            return []
-        now = self._clock()
+        chunk = self._fetch(min(max_records, CONSUME_CHUNK), wait)
         out: list[Message] = []
         stopped: set[TP] = set()
         taken: dict[TP, int] = {}
+        # Bounded even if every record of every chunk is skipped.
+        budget = 2 * max_records
+        while chunk:
+            budget -= len(chunk)
+            self._examine(chunk, out, stopped, taken)
+            room = max_records - len(out)
+            if room <= 0 or budget <= 0:
+                break
+            chunk = self.consumer.consume(min(room, CONSUME_CHUNK), 0)
+        if taken:
+            with self._lock:
+                self._taken.update((tp, o) for tp, o in taken.items() if tp in self._assigned)
+                for tp in taken:
+                    self._resumed.pop(tp, None)
+        return out
+
+    def _examine(
+        self, messages: list[Message], out: list[Message], stopped: set[TP], taken: dict[TP, int]
+    ) -> None:
+        """Hand out the due records of ``messages``; hold each partition at its first one not due.
+
+        The clock is read again before holding: a record that became due while the records
+        before it were examined (or while the loop was busy) is handed out, not sent round a
+        pause, seek and refetch.
+        """
+        now = self._clock()
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -254,6 +359,8 @@ class DelayedConsumer:
                     continue
             due = self._due_of(msg)
             if due > now:
+                now = self._clock()
+            if due > now:
                 stopped.add(tp)
                 offset = msg.offset()
                 assert offset is not None
@@ -261,11 +368,6 @@ class DelayedConsumer:
                 continue
             out.append(msg)
             taken[tp] = (msg.offset() or 0) + 1
-        with self._lock:
-            self._taken.update((tp, o) for tp, o in taken.items() if tp in self._assigned)
-            for tp in taken:
-                self._resumed.pop(tp, None)
-        return out
 
     def _fetch(self, max_records: int, wait: float) -> list[Message]:
         """Up to ``max_records``, returning as soon as one is there.

@@ -1,24 +1,27 @@
 """Release: holds records in the delay topic until ``close_time + window``, then fans each out,
 same key and same bytes, to the sink topic of every enabled adapter.
 
-The record's offset is stored only after every sink topic acknowledged it. The body is never
-decoded here: the due time is a header written by ingest.
+The record's offset is stored only after every sink topic acknowledged it (and every record
+before it in its partition): the next poll does not wait for those acknowledgements
+(:class:`~consumer.stage.Pipeline`). The body is never decoded here: the due time is a header
+written by ingest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 
 from consumer import headers as h
+from consumer.clients import make_release_producer
 from consumer.config import Settings
 from consumer.delayed import DelayedConsumer, now_ms
 from consumer.errors import ConfigError
 from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
-from consumer.stage import BatchProducer, LoopStage, rewind_batch, store_batch
+from consumer.stage import PIPELINE_PRODUCER_SETTINGS, BatchProducer, LoopStage, Pipeline
 from consumer.topics import delay_topic, sink_topic
 
 log = get_logger("release")
@@ -32,6 +35,7 @@ def due_ms(msg: Message) -> int:
 
 class ReleaseStage(LoopStage):
     name = "release"
+    _pipeline: Pipeline
 
     def __init__(
         self, settings: Settings, metrics: Metrics, health: Health, *, batch_size: int = 1000
@@ -57,18 +61,23 @@ class ReleaseStage(LoopStage):
     def _turned(self, consumer: DelayedConsumer) -> None:
         self._held_gauge.set(len(consumer.held()))
 
+    def _make_producer(self) -> Producer:
+        return make_release_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
+
+    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
+        self._pipeline = Pipeline(producer, self.metrics, self.name, consumer)
+        return self._pipeline
+
     def _handle(
         self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
     ) -> None:
         self.metrics.records_in.labels(self.name).inc(len(messages))
         now = now_ms()
         lateness = self.metrics.lateness.labels(self.name, "")
+        send = self._pipeline.send
         for msg in messages:
             key, value, headers = msg.key(), msg.value(), msg.headers()
-            for topic in self.sinks:
-                out.produce(topic, value, key=key, headers=headers)
+            send(msg, [(topic, value, key, headers) for topic in self.sinks])
             lateness.observe(max(0, now - due_ms(msg)) / 1000.0)
-        if out.finish():
-            store_batch(consumer, messages)
-        else:
-            rewind_batch(consumer, messages)
+        # Served at once: acknowledgements that already arrived store their offsets now.
+        self._pipeline.settle()

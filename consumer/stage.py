@@ -1,48 +1,90 @@
-"""What ingest and release share: consume a batch, produce its outputs, store offsets only when
-the broker acknowledged every output of the batch.
+"""What ingest and release share: consume a batch, produce its outputs, store an input record's
+offset only once the broker acknowledged every output of it (and of every record before it).
 
-Waiting for acknowledgements per *batch* (not per record) keeps throughput close to a plain
-copy while an offset is still never stored before its outputs are durable. If any output of a
-batch fails, the batch's partitions are rewound to the batch's first offsets and processed
-again: duplicates are possible (at-least-once), loss is not.
+Two ways to wait for the acknowledgements, both never storing an offset before its outputs are
+durable:
+
+- :class:`BatchProducer` (ingest) waits for a whole batch's acknowledgements before polling
+  again. Delivery reports come to Python only for failures (``delivery.report.only.error``):
+  a Python callback per acknowledged message was a visible share of ingest's CPU.
+- :class:`Pipeline` (release) polls again at once and stores offsets as acknowledgements
+  arrive, in order per partition. Waiting per batch put ``linger.ms`` plus a produce round trip
+  between every release and the next poll, i.e. on the lateness of every record that became
+  due meanwhile (make bench R3).
+
+If an output fails, the input partition is rewound to the first record not acknowledged and
+processed again: duplicates are possible (at-least-once), loss is not.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer import headers as h
 from consumer.clients import make_consumer, make_producer
 from consumer.config import Settings
-from consumer.delayed import DelayedConsumer
+from consumer.delayed import TP, DelayedConsumer
 from consumer.health import Health
 from consumer.log import get_logger, set_stage
 from consumer.metrics import Metrics
 
 log = get_logger("stage")
 
+#: Producer settings a :class:`BatchProducer` relies on: success needs no callback.
+BATCH_PRODUCER_SETTINGS: dict[str, Any] = {"delivery.report.only.error": True}
+#: A :class:`Pipeline` counts every acknowledgement.
+PIPELINE_PRODUCER_SETTINGS: dict[str, Any] = {"delivery.report.only.error": False}
+
+#: One output: topic, value, key, headers.
+Output = tuple[str, bytes | None, bytes | str | None, h.RawHeaders]
+
 
 class BatchProducer:
-    """Counts acknowledgements of one batch's produces."""
+    """Produces one batch's outputs and waits for all of their acknowledgements.
+
+    Works with any producer; with ``delivery.report.only.error`` (as :class:`LoopStage` makes
+    it) librdkafka calls back only for failures, and an empty queue after ``flush`` with no
+    failure reported means every output was acknowledged.
+    """
 
     def __init__(self, producer: Producer, metrics: Metrics, stage: str) -> None:
         self.producer = producer
         self._metrics = metrics
         self._stage = stage
-        self._pending = 0
         self._failed: list[KafkaError] = []
-        self._acked: dict[str, int] = {}
+        #: Outputs produced per topic in this batch, and how many of them failed.
+        self._produced: dict[str, int] = {}
+        self._lost: dict[str, int] = {}
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        self._pending -= 1
         if err is not None:
             self._failed.append(err)
-        else:
             topic = msg.topic() or ""
-            self._acked[topic] = self._acked.get(topic, 0) + 1
+            self._lost[topic] = self._lost.get(topic, 0) + 1
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None,
+        headers: h.RawHeaders,
+        on_delivery: Any,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, then try again.
+                self.producer.poll(0.1)
+            else:
+                return
 
     def produce(
         self,
@@ -51,23 +93,18 @@ class BatchProducer:
         key: bytes | str | None = None,
         headers: h.RawHeaders = None,
     ) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
-                )
-                break
-            except BufferError:
-                # Local queue full: serve delivery reports to make room, then try again.
-                self.producer.poll(0.1)
-        self._pending += 1
+        self._produce(topic, value, key, headers, self._on_delivery)
+        self._produced[topic] = self._produced.get(topic, 0) + 1
 
     def finish(self, timeout: float = 60.0) -> bool:
         """Wait for every acknowledgement of this batch; True when all succeeded."""
         remaining = self.producer.flush(timeout)
-        ok = remaining == 0 and self._pending == 0 and not self._failed
-        for topic, count in self._acked.items():
-            self._metrics.records_out.labels(self._stage, topic).inc(count)
+        ok = remaining == 0 and not self._failed
+        if remaining == 0:
+            for topic, count in self._produced.items():
+                acked = count - self._lost.get(topic, 0)
+                if acked > 0:
+                    self._metrics.records_out.labels(self._stage, topic).inc(acked)
         if not ok:
             self._metrics.produce_errors.labels(self._stage).inc()
             codes = sorted({e.name() for e in self._failed})
@@ -75,10 +112,214 @@ class BatchProducer:
                 "batch not acknowledged; rewinding",
                 extra={"fields": {"stage": self._stage, "unacked": remaining, "errors": codes}},
             )
-        self._pending = 0
         self._failed = []
-        self._acked = {}
+        self._produced = {}
+        self._lost = {}
         return ok
+
+    # -- the loop's hooks (a Pipeline overrides them) -----------------------------------------
+
+    def settle(self) -> None:
+        """Called before every poll: nothing is pending between batches here."""
+
+    def poll_cap(self) -> float | None:
+        """How long the next poll may block at most (None: no limit from here)."""
+        return None
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        """Called while partitions are being revoked: nothing is pending between batches."""
+
+    def drain(self, timeout: float) -> None:
+        """Wait for what is still in flight (the loop is stopping)."""
+        self.producer.flush(timeout)
+
+
+class _Record:
+    """An input record whose outputs are in flight; it is its outputs' delivery callback."""
+
+    __slots__ = ("error", "failures", "live", "offset", "topics", "tp", "waiting")
+
+    def __init__(self, tp: TP, offset: int, topics: list[str], failures: list[_Record]) -> None:
+        self.tp = tp
+        self.offset = offset
+        self.topics = topics
+        self.waiting = len(topics)
+        #: False once forgotten (rewound past or revoked): its late reports count for nothing.
+        self.live = True
+        self.error: KafkaError | None = None
+        self.failures = failures
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        self.waiting -= 1
+        if err is not None and self.error is None:
+            self.error = err
+            self.failures.append(self)
+
+
+class Pipeline(BatchProducer):
+    """Produces each record's outputs without waiting; :meth:`settle` stores offsets as they
+    are acknowledged.
+
+    Per input partition, records wait in a queue in offset order. An offset is stored only
+    when that record and every record before it in its partition have every output
+    acknowledged, so a stored offset never passes an unacknowledged record. If an output
+    fails, the partition is rewound to that record (through :meth:`DelayedConsumer.rewind`,
+    which also drops a hold beyond it) and every later record of it in flight is forgotten:
+    those are produced again after the rewind, and their late acknowledgements count for
+    nothing.
+
+    Acknowledgements are only looked at in :meth:`settle` (before each poll) and
+    :meth:`drain`, never in the middle of a batch: a rewind in the middle of a batch would let
+    the batch's later records of that partition be queued behind it, and stored, before the
+    rewound ones came back.
+
+    ``produce``/``finish`` still work as in :class:`BatchProducer` (``finish`` then also
+    waits for what is in flight).
+    """
+
+    #: Records in flight before the loop waits for acknowledgements instead of polling.
+    max_pending = 10_000
+    #: While records are in flight, a poll blocks at most this long, so acknowledgements are
+    #: served and offsets stored promptly even when nothing is due.
+    ack_poll_s = 0.02
+
+    def __init__(
+        self,
+        producer: Producer,
+        metrics: Metrics,
+        stage: str,
+        consumer: DelayedConsumer,
+        *,
+        ack_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(producer, metrics, stage)
+        self._consumer = consumer
+        self._ack_timeout = ack_timeout
+        self._queues: dict[TP, deque[_Record]] = {}
+        self._failures: list[_Record] = []
+        self._pending = 0
+        #: Outputs acknowledged per topic, not yet added to the metric (reused).
+        self._acked: dict[str, int] = {}
+
+    @property
+    def pending(self) -> int:
+        """Input records with an output not acknowledged yet."""
+        return self._pending
+
+    def send(self, record: Message, outputs: Sequence[Output]) -> None:
+        """Produce every output of ``record``; its offset is stored once all are acknowledged."""
+        offset = record.offset()
+        assert offset is not None
+        tp = (record.topic() or "", record.partition() or 0)
+        entry = _Record(tp, offset, [o[0] for o in outputs], self._failures)
+        queue = self._queues.get(tp)
+        if queue is None:
+            queue = self._queues[tp] = deque()
+        queue.append(entry)
+        self._pending += 1
+        for topic, value, key, headers in outputs:
+            self._produce(topic, value, key, headers, entry)
+
+    def settle(self) -> None:
+        """Serve acknowledgements, store the offsets they complete, rewind what failed.
+
+        With :attr:`max_pending` records in flight (a slow or unreachable broker), the input is
+        paused until half of them are acknowledged; polling goes on meanwhile, so the group
+        membership stays alive and a stop is noticed.
+        """
+        self.producer.poll(0)
+        self._settle()
+        if self._pending >= self.max_pending:
+            self._consumer.throttle(True)
+        elif self._consumer.throttled and self._pending <= self.max_pending // 2:
+            self._consumer.throttle(False)
+
+    def poll_cap(self) -> float | None:
+        return self.ack_poll_s if self._pending else None
+
+    def _settle(self) -> None:
+        if self._failures:
+            self._rewind_failed()
+        store: list[TopicPartition] = []
+        acked = self._acked
+        for tp, queue in self._queues.items():
+            last = -1
+            while queue and queue[0].waiting <= 0 and queue[0].error is None:
+                entry = queue.popleft()
+                last = entry.offset
+                self._pending -= 1
+                for topic in entry.topics:
+                    acked[topic] = acked.get(topic, 0) + 1
+            if last >= 0:
+                store.append(TopicPartition(tp[0], tp[1], last + 1))
+        if store:
+            self._store(store)
+        if acked:
+            for topic, count in acked.items():
+                self._metrics.records_out.labels(self._stage, topic).inc(count)
+            acked.clear()
+
+    def _rewind_failed(self) -> None:
+        """Per partition, forget the first failed record and everything after it, and rewind."""
+        first: dict[TP, _Record] = {}
+        for entry in self._failures:
+            if entry.live and (entry.tp not in first or entry.offset < first[entry.tp].offset):
+                first[entry.tp] = entry
+        codes = sorted({e.error.name() for e in self._failures if e.error is not None})
+        self._failures.clear()
+        for tp, entry in first.items():
+            queue = self._queues[tp]
+            while queue and queue[-1].offset >= entry.offset:
+                queue.pop().live = False
+                self._pending -= 1
+            self._metrics.produce_errors.labels(self._stage).inc()
+            log.warning(
+                "outputs not acknowledged; rewinding",
+                extra={
+                    "fields": {
+                        "stage": self._stage,
+                        "topic": tp[0],
+                        "partition": tp[1],
+                        "offset": entry.offset,
+                        "errors": codes,
+                    }
+                },
+            )
+            self._consumer.rewind(tp[0], tp[1], entry.offset)
+
+    def _store(self, offsets: list[TopicPartition]) -> None:
+        assigned = self._consumer.assigned
+        offsets = [o for o in offsets if (o.topic, o.partition) in assigned]
+        if not offsets:
+            return
+        try:
+            self._consumer.consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:
+            # Lost meanwhile (a rebalance not seen yet): the new owner processes them again.
+            log.warning("could not store offsets", extra={"fields": {"error": str(exc)[:200]}})
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        """Before partitions go, wait for their acknowledgements and store what completed, so
+        the next owner does not process them again; whatever is still unacknowledged is
+        forgotten (the next owner processes it again)."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        if any(self._queues.get(tp) for tp in gone):
+            self.producer.flush(self._ack_timeout)
+            self._settle()
+        for tp in gone:
+            for entry in self._queues.pop(tp, ()):
+                entry.live = False
+                self._pending -= 1
+
+    def drain(self, timeout: float) -> None:
+        self.producer.flush(timeout)
+        self.producer.poll(0)
+        self._settle()
+
+    def finish(self, timeout: float = 60.0) -> bool:
+        ok = super().finish(timeout)
+        self._settle()
+        return ok and not self._pending
 
 
 def store_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
@@ -110,7 +351,8 @@ class LoopStage:
     """A batch stage (ingest, release): poll due records, handle them, until ``stop`` is set.
 
     Subclasses say which group and topic they read (:attr:`group`, :attr:`topic`), how due
-    times are read (:meth:`due_of`) and what a batch becomes (:meth:`_handle`).
+    times are read (:meth:`due_of`), how outputs are acknowledged (:meth:`_output`) and what a
+    batch becomes (:meth:`_handle`).
     """
 
     name = "stage"
@@ -126,6 +368,7 @@ class LoopStage:
         self.settings = settings
         self.metrics = metrics
         self.health = health
+        self._out: BatchProducer | None = None
         health.register(self.name)
 
     def due_of(self, msg: Message) -> int:
@@ -139,6 +382,13 @@ class LoopStage:
     def _turned(self, consumer: DelayedConsumer) -> None:
         """Called after every poll (for gauges)."""
 
+    def _make_producer(self) -> Producer:
+        return make_producer(self.settings, **BATCH_PRODUCER_SETTINGS)
+
+    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
+        """What ``_handle`` produces through; it also decides when offsets are stored."""
+        return BatchProducer(producer, self.metrics, self.name)
+
     def _handle(
         self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
     ) -> None:
@@ -148,6 +398,11 @@ class LoopStage:
         self.metrics.rebalances.labels(self.name).inc()
         self.health.set_ready(self.name, True)
 
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        if self._out is not None:
+            self._out.revoked(partitions)
+        self._on_rebalance(partitions)
+
     def run(self, stop: threading.Event) -> None:
         set_stage(self.name)
         consumer = DelayedConsumer(
@@ -155,21 +410,23 @@ class LoopStage:
             due_of=self.due_of,
             max_poll_s=self.max_poll_s,
             on_assign=self._on_rebalance,
-            on_revoke=self._on_rebalance,
+            on_revoke=self._on_revoke,
         )
-        out = BatchProducer(make_producer(self.settings), self.metrics, self.name)
+        out = self._out = self._output(self._make_producer(), consumer)
         consumer.subscribe([self.topic])
         self.metrics.watch_consumer(self.name, self.group, [self.topic], consumer.snapshot)
         log.info(f"{self.name} started", extra={"fields": self._started()})  # noqa: G004
         try:
             while not stop.is_set():
                 self.health.beat(self.name)
-                messages = consumer.poll_due(self.batch_size)
+                out.settle()
+                messages = consumer.poll_due(self.batch_size, timeout=out.poll_cap())
                 self._turned(consumer)
                 if messages:
                     self._handle(consumer, out, messages)
         finally:
             self.metrics.unwatch_consumer(self.name)
-            out.producer.flush(10)
+            out.drain(10)
             consumer.close()
+            self._out = None
             log.info(f"{self.name} stopped")  # noqa: G004

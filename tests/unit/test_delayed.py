@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from consumer.delayed import DelayedConsumer
+from consumer.delayed import SEEK_RETRY_MS, DelayedConsumer
 
 
 @dataclass
@@ -56,14 +56,17 @@ class FakeConsumer:
         self.callbacks["on_revoke"](self, [TopicPartition(t, p) for t, p in tps])
 
     def _available(self, limit: int) -> list[FakeMessage]:
-        out = []
+        """Like librdkafka's queue: what is not returned stays queued; a paused partition's
+        queued records are dropped (it is fetched again from its position when resumed)."""
+        out: list[FakeMessage] = []
         for tp, msgs in self.log.items():
             if tp in self.paused:
                 continue
             pos = self.position.get(tp, 0)
-            out += msgs[pos:]
-            self.position[tp] = len(msgs)
-        return out[:limit]
+            taken = msgs[pos : pos + limit - len(out)]
+            out += taken
+            self.position[tp] = pos + len(taken)
+        return out
 
     def consume(self, num: int, timeout: float) -> list[FakeMessage]:
         self.calls.append(("consume", timeout))
@@ -83,6 +86,7 @@ class FakeConsumer:
 
     def seek(self, tp: TopicPartition) -> None:
         self.position[(tp.topic, tp.partition)] = tp.offset
+        self.calls.append(("seek", ((tp.topic, tp.partition), tp.offset)))
 
     def get_watermark_offsets(
         self, tp: TopicPartition, timeout: float, cached: bool
@@ -108,11 +112,14 @@ def test_records_are_handed_out_only_when_due_and_the_partition_is_held_at_its_h
     out = delayed.poll_due(10)
     assert [(m.partition(), m.offset()) for m in out] == [(0, 0), (1, 0)]
     assert delayed.held() == {("t", 0): 1500}
-    assert ("t", 0) in fake.paused and fake.position[("t", 0)] == 1  # rewound to the head
+    assert ("t", 0) in fake.paused  # paused; rewound to its head when resumed (below)
     assert delayed.poll_due(10) == []  # nothing due: nothing handed out, nothing buffered
     now[0] = 1500
     assert [m.offset() for m in delayed.poll_due(10)] == [1]
-    assert ("resume", [("t", 0)]) in fake.calls and ("wake", ("t", 0)) in fake.calls
+    # Resumed, then woken by a seek to the offset it was held at (no broker round trip).
+    resumed = fake.calls.index(("resume", [("t", 0)]))
+    assert ("seek", (("t", 0), 1)) in fake.calls[resumed:]
+    assert not any(c[0] == "wake" for c in fake.calls)
     assert delayed.held() == {("t", 0): 1600}
 
 
@@ -157,3 +164,62 @@ def test_throttling_pauses_everything_and_keeps_holds() -> None:
     assert fake.paused == {("t", 0), ("t", 1)}
     delayed.throttle(False)
     assert fake.paused == {("t", 0)}  # still held: not due
+
+
+def test_a_held_partition_is_resumed_only_with_a_seek_back_to_its_head_even_after_throttling() -> (
+    None
+):
+    """Pausing leaves librdkafka's position after the last record taken, beyond the head: a
+    resume without the seek back would skip the head and everything up to that position."""
+    now = [1000]
+    delayed, fake = _setup({0: [900, 1500, 1600, 1700]}, now)
+    assert [m.offset() for m in delayed.poll_due(10)] == [0]
+    assert fake.position[("t", 0)] == 4  # the whole chunk was taken from the queue
+    delayed.throttle(True)
+    now[0] = 2000
+    assert delayed.poll_due(10) == []  # due, but back-pressure: still held, still paused
+    assert delayed.held() == {("t", 0): 1500} and ("t", 0) in fake.paused
+    assert delayed.poll_timeout(now[0]) == 1.0  # an overdue hold does not make the loop spin
+    delayed.throttle(False)
+    assert ("t", 0) in fake.paused  # lifting back-pressure leaves held partitions to the poll
+    assert [m.offset() for m in delayed.poll_due(10)] == [1, 2, 3]
+
+
+def test_a_rewound_partition_is_fetched_again_from_the_offset_held_or_not() -> None:
+    now = [1000]
+    delayed, _ = _setup({0: [900, 950, 5000], 1: [900, 950, 980]}, now)
+    assert [(m.partition(), m.offset()) for m in delayed.poll_due(10)] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
+    assert delayed.held() == {("t", 0): 5000}
+    delayed.rewind("t", 0, 1)  # held at 2: the hold is forgotten
+    delayed.rewind("t", 1, 0)  # active
+    again = delayed.poll_due(10)
+    assert [(m.partition(), m.offset()) for m in again] == [(0, 1), (1, 0), (1, 1), (1, 2)]
+    assert delayed.held() == {("t", 0): 5000}
+
+
+def test_a_failed_seek_back_holds_the_partition_again_instead_of_resuming_it_unseeked() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [900, 1500, 5000]}, now)
+    delayed.poll_due(10)
+    seek = fake.seek
+    failing = [True]
+
+    def flaky_seek(tp: TopicPartition) -> None:
+        if failing[0]:
+            raise KafkaException(KafkaError(KafkaError._STATE))
+        seek(tp)
+
+    fake.seek = flaky_seek  # type: ignore[method-assign]
+    now[0] = 1500
+    assert delayed.poll_due(10) == []
+    assert ("t", 0) in delayed.held()  # held again (it was resumed, then paused back)
+    assert ("t", 0) in fake.paused
+    failing[0] = False
+    now[0] = 1500 + SEEK_RETRY_MS
+    assert [m.offset() for m in delayed.poll_due(10)] == [1]
