@@ -6,7 +6,8 @@ durable:
 
 - :class:`BatchProducer` (ingest) waits for a whole batch's acknowledgements before polling
   again. Delivery reports come to Python only for failures (``delivery.report.only.error``):
-  a Python callback per acknowledged message was a visible share of ingest's CPU.
+  a Python callback per acknowledged message cost ~1 µs of CPU, a fifth of what producing a
+  message costs in all (measured: 50k idempotent lz4 produces, 0.27 -> 0.22 CPU s).
 - :class:`Pipeline` (release) polls again at once and stores offsets as acknowledgements
   arrive, in order per partition. Waiting per batch put ``linger.ms`` plus a produce round trip
   between every release and the next poll, i.e. on the lateness of every record that became
@@ -305,6 +306,7 @@ class Pipeline(BatchProducer):
         gone = {(p.topic, p.partition) for p in partitions}
         if any(self._queues.get(tp) for tp in gone):
             self.producer.flush(self._ack_timeout)
+            self.producer.poll(0)
             self._settle()
         for tp in gone:
             for entry in self._queues.pop(tp, ()):
@@ -315,6 +317,10 @@ class Pipeline(BatchProducer):
         self.producer.flush(timeout)
         self.producer.poll(0)
         self._settle()
+        # The loop is stopping: the revocation that closing the consumer brings must not wait
+        # for the same acknowledgements all over again (what is left is processed again by the
+        # next owner).
+        self._ack_timeout = 0.0
 
     def finish(self, timeout: float = 60.0) -> bool:
         ok = super().finish(timeout)
