@@ -141,11 +141,14 @@ def _exact_decimal(value: Any) -> Decimal:
     else:
         raise _rule("decimal_type", "expected a decimal as a string or a number")
     try:
-        return _EXACT.quantize(number, _Q)
+        exact = _EXACT.quantize(number, _Q)
     except Inexact:
         raise _rule("decimal_scale", f"more than {DECIMAL_SCALE} fractional digits") from None
     except InvalidOperation:
         raise _rule("decimal_too_large", f"more than {MAX_INTEGER_DIGITS} integer digits") from None
+    # "-0.00" is zero: the Avro decimal (two's complement) has no negative zero, so without this
+    # the same trade would read -0.00 on one path and 0.00 after the delay topic.
+    return exact if exact else exact.copy_abs()
 
 
 def _positive_decimal(value: Any) -> Decimal:

@@ -406,3 +406,13 @@ def test_no_personal_or_unknown_value_reaches_the_output(
         for secret in secrets:
             assert secret.encode() not in avro
             assert secret.encode() not in as_json
+
+
+@pytest.mark.parametrize("negative_zero", ["-0.00", "-0", "-0.00000000", "-0E+3"])
+def test_negative_zero_reads_as_zero_on_every_path(negative_zero: str) -> None:
+    # Avro's two's-complement decimal cannot carry -0: the JSON path must not either, or the
+    # same trade would render "-0.00" before the delay topic and "0.00" after it.
+    record = project(validate_trade(trade(profit_loss=negative_zero)))
+    assert record["profit_loss"].as_tuple() == Decimal("0E-8").as_tuple()
+    assert to_json_dict(record)["profit_loss"] == "0.00"
+    assert decode_trace(encode_trace(record)) == record
