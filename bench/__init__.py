@@ -20,6 +20,8 @@ R1b   ingest + release (window 0, one adapter), one process each, on the same in
 R3    release lateness: 20k trades produced at a steady 1,000/s with close_time = now flow
       through ingest and release (window 2 s); lateness = sink-topic append time - the
       record's due header (close_time + window). p50, p99, max, and the count released early.
+      3k warm-up trades go through first, unmeasured: a broker just started spends its first
+      seconds warming up, and a new idempotent producer sends nothing for ~0.5-1 s.
 R4    webhook deliveries/s (the sink worker delivering 10k pre-loaded sink-topic records)
       ÷ raw aiohttp POSTs/s of the same bodies with the same headers at the same concurrency
       (16, the adapter's default), measured before and after the sink (mean). Raw httpx is

@@ -1,7 +1,7 @@
 """``python -m bench.ingest_micro``: ingest's per-record Python cost, old path vs fast path.
 
 In one process, on the same benchmark-shaped records (:mod:`bench.data`), without Kafka: the
-stage's own ``_handle`` loop with the fast path switched off (the pydantic path: decode,
+stage's own per-record ``_one`` with the fast path switched off (the pydantic path: decode,
 validate, project, fastavro) and on, in interleaved rounds so that the load of a shared machine
 hits both alike; the ratio of the medians is the figure to trust, the µs are for orientation.
 Both paths' outputs are compared first, so a speed-up that changed a byte would not print.
@@ -61,28 +61,10 @@ class _Msg:
 
 
 class _Out:
-    """Collects what would be produced; ``finish`` reports success like BatchProducer."""
+    """Collects each record's output, as the stage would send it."""
 
     def __init__(self) -> None:
-        self.produced: list[tuple[str, bytes | None, Any, Any]] = []
-
-    def produce(
-        self, topic: str, value: bytes | None, key: Any = None, headers: Any = None
-    ) -> None:
-        self.produced.append((topic, value, key, headers))
-
-    def finish(self) -> bool:
-        return True
-
-
-class _Consumer:
-    """DelayedConsumer's ``.consumer`` (store_batch stores offsets on it)."""
-
-    def __init__(self) -> None:
-        self.consumer = self
-
-    def store_offsets(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        self.produced: list[Any] = []
 
 
 def _time(run: Callable[[], object]) -> float:
@@ -107,13 +89,15 @@ def main() -> None:
     )
     fast = stage.fast_path
     assert fast is not None, "the default JSON decoder must get the fast path"
-    consumer: Any = _Consumer()
-    stage_any: Any = stage  # _handle is private: the stage loop calls it
+    stage_any: Any = stage  # _one is private: the stage loop calls it
 
     def handle(with_fast: bool) -> _Out:
         stage.fast_path = fast if with_fast else None
         out = _Out()
-        stage_any._handle(consumer, out, messages)
+        now = now_ms()
+        append, one = out.produced.append, stage_any._one
+        for message in messages:
+            append(one(message, now))
         return out
 
     old_out, new_out = handle(False), handle(True)
@@ -124,8 +108,8 @@ def main() -> None:
     print(f"{count} records of ~{sum(map(len, raws)) // count} B, outputs identical")
 
     results: dict[str, list[float]] = {
-        "old _handle": [],
-        "new _handle": [],
+        "old _one": [],
+        "new _one": [],
         "fast path alone": [],
         "msgspec parse": [],
         "fast path, cold memos": [],
@@ -138,8 +122,8 @@ def main() -> None:
         return fast(raw, now)
 
     for _ in range(rounds):
-        results["old _handle"].append(_time(lambda: handle(False)))
-        results["new _handle"].append(_time(lambda: handle(True)))
+        results["old _one"].append(_time(lambda: handle(False)))
+        results["new _one"].append(_time(lambda: handle(True)))
         results["fast path alone"].append(_time(lambda: [fast(r, now) for r in raws]))
         results["msgspec parse"].append(_time(lambda: [_DECODER.decode(r) for r in raws]))
         results["fast path, cold memos"].append(_time(lambda: [cold(r) for r in raws]))
@@ -163,9 +147,9 @@ def main() -> None:
     medians = {name: statistics.median(times) / count for name, times in results.items()}
     for name, per in medians.items():
         print(f"{name:22} {per:7.2f} µs/record  (min {min(results[name]) / count:.2f})")
-    ratio = medians["old _handle"] / medians["new _handle"]
+    ratio = medians["old _one"] / medians["new _one"]
     paired = statistics.median(
-        o / n for o, n in zip(results["old _handle"], results["new _handle"], strict=True)
+        o / n for o, n in zip(results["old _one"], results["new _one"], strict=True)
     )
     print(
         f"old ÷ new: {ratio:.1f}x (median of paired rounds {paired:.1f}x); load {os.getloadavg()}"

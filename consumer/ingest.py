@@ -11,10 +11,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 
 from consumer import headers as h
-from consumer.clients import MAX_MESSAGE_BYTES
+from consumer.clients import MAX_MESSAGE_BYTES, make_producer
 from consumer.config import Settings
 from consumer.decode import Decoder, JsonDecoder, RegistryUnavailable, make_decoder
 from consumer.delayed import DelayedConsumer, now_ms
@@ -24,7 +24,7 @@ from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
 from consumer.records import encode_trace
-from consumer.stage import BatchProducer, LoopStage, rewind_batch, store_batch
+from consumer.stage import PIPELINE_PRODUCER_SETTINGS, BatchProducer, LoopStage, Output, Pipeline
 from consumer.topics import delay_topic, ingest_dlq_topic
 from consumer.trade import epoch_ms, project, record_key, validate_not_future
 
@@ -82,11 +82,22 @@ class IngestStage(LoopStage):
     def _started(self) -> dict[str, Any]:
         return {"topic": self.topic, "format": self.settings.input.format}
 
+    def _make_producer(self) -> Producer:
+        return make_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
+
+    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
+        # Not a batch at a time: waiting for each batch's acknowledgements before polling
+        # again was ~46% of the ingest loop (make bench R1), and a batch that waited long
+        # reached the delay topic as one burst, behind which release must hold the records of
+        # every other input partition (R3).
+        return Pipeline(producer, self.metrics, self.name, consumer)
+
     def _handle(
         self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
     ) -> None:
+        assert isinstance(out, Pipeline)
         self.metrics.records_in.labels(self.name).inc(len(messages))
-        done: list[Message] = []
+        send = out.send
         backed_off: set[tuple[str, int]] = set()
         now = now_ms()
         for msg in messages:
@@ -95,7 +106,7 @@ class IngestStage(LoopStage):
             if backed_off and (msg.topic() or "", msg.partition() or 0) in backed_off:
                 continue
             try:
-                self._one(out, msg, now)
+                output = self._one(msg, now)
             except RegistryUnavailable:
                 # Not the record's fault: hold the partition and try it again later.
                 tp = (msg.topic() or "", msg.partition() or 0)
@@ -108,43 +119,39 @@ class IngestStage(LoopStage):
                 )
                 consumer.hold(tp[0], tp[1], offset, now_ms() + REGISTRY_BACKOFF_MS)
                 continue
-            done.append(msg)
-        if out.finish():
-            store_batch(consumer, done)
-        else:
-            rewind_batch(consumer, done)
+            send(msg, (output,))
+        # Acknowledgements that already arrived store their offsets now.
+        out.settle()
 
-    def _one(self, out: BatchProducer, msg: Message, now: int) -> None:
+    def _one(self, msg: Message, now: int) -> Output:
+        """The record's one output: to the delay topic, or to the ingest DLQ with a reason."""
         raw = msg.value()
         if self.fast_path is not None and raw is not None:
             fast = self.fast_path(raw, now)
             if fast is not None:
                 value, key, close_ms, trade_id = fast
-                out.produce(
+                return (
                     self.delay_topic,
                     value,
-                    key=key,
-                    headers=trace_headers(close_ms, self.window_ms, trade_id),
+                    key,
+                    trace_headers(close_ms, self.window_ms, trade_id),
                 )
-                return
         # Anything the fast path declined: the pydantic path decides, and words any rejection.
         try:
             trade = self.decoder.decode(raw)
             validate_not_future(trade, now, self.skew_ms)
             record = project(trade)
         except InputError as exc:
-            self._dead_letter(out, msg, exc)
-            return
+            return self._dead_letter(msg, exc)
         close_ms = epoch_ms(record["close_time"])
-        value = encode_trace(record)
-        out.produce(
+        return (
             self.delay_topic,
-            value,
-            key=record_key(trade),
-            headers=trace_headers(close_ms, self.window_ms, record["trade_id"].encode()),
+            encode_trace(record),
+            record_key(trade),
+            trace_headers(close_ms, self.window_ms, record["trade_id"].encode()),
         )
 
-    def _dead_letter(self, out: BatchProducer, msg: Message, exc: InputError) -> None:
+    def _dead_letter(self, msg: Message, exc: InputError) -> Output:
         raw = msg.value() or b""
         extra: list[tuple[str, str | int]] = [
             (h.ERROR_CLASS, type(exc).__name__),
@@ -172,4 +179,4 @@ class IngestStage(LoopStage):
                 }
             },
         )
-        out.produce(self.dlq_topic, raw, key=msg.key(), headers=h.replace(msg.headers(), extra))
+        return (self.dlq_topic, raw, msg.key(), h.replace(msg.headers(), extra))

@@ -1,17 +1,15 @@
 """What ingest and release share: consume a batch, produce its outputs, store an input record's
 offset only once the broker acknowledged every output of it (and of every record before it).
 
-Two ways to wait for the acknowledgements, both never storing an offset before its outputs are
-durable:
-
-- :class:`BatchProducer` (ingest) waits for a whole batch's acknowledgements before polling
-  again. Delivery reports come to Python only for failures (``delivery.report.only.error``):
-  a Python callback per acknowledged message cost ~1 µs of CPU, a fifth of what producing a
-  message costs in all (measured: 50k idempotent lz4 produces, 0.27 -> 0.22 CPU s).
-- :class:`Pipeline` (release) polls again at once and stores offsets as acknowledgements
-  arrive, in order per partition. Waiting per batch put ``linger.ms`` plus a produce round trip
-  between every release and the next poll, i.e. on the lateness of every record that became
-  due meanwhile (make bench R3).
+Both stages produce through :class:`Pipeline`: it polls again at once and stores offsets as
+acknowledgements arrive, in order per partition. Waiting for a whole batch's acknowledgements
+before polling again (:class:`BatchProducer`, its base, which still offers that) put
+``linger.ms`` plus a produce round trip between every batch and the next poll: on the lateness
+of every record that became due meanwhile (make bench R3), and ~46% of ingest's loop (R1). A
+:class:`BatchProducer` alone takes delivery reports for failures only
+(``delivery.report.only.error``): a Python callback per acknowledged message cost ~1 µs of CPU,
+a fifth of what producing a message costs in all (measured: 50k idempotent lz4 produces, 0.27
+-> 0.22 CPU s).
 
 If an output fails, the input partition is rewound to the first record not acknowledged and
 processed again: duplicates are possible (at-least-once), loss is not.
@@ -326,31 +324,6 @@ class Pipeline(BatchProducer):
         ok = super().finish(timeout)
         self._settle()
         return ok and not self._pending
-
-
-def store_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
-    """Store, per partition, the offset after the batch's last record."""
-    last: dict[tuple[str, int], int] = {}
-    for msg in messages:
-        offset = msg.offset()
-        assert offset is not None
-        last[(msg.topic() or "", msg.partition() or 0)] = offset
-    if last:
-        consumer.consumer.store_offsets(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-        )
-
-
-def rewind_batch(consumer: DelayedConsumer, messages: list[Message]) -> None:
-    """Seek each partition back to the batch's first record so it is processed again."""
-    first: dict[tuple[str, int], int] = {}
-    for msg in messages:
-        offset = msg.offset()
-        assert offset is not None
-        first.setdefault((msg.topic() or "", msg.partition() or 0), offset)
-    for (topic, partition), offset in first.items():
-        if (topic, partition) in consumer.assigned:
-            consumer.consumer.seek(TopicPartition(topic, partition, offset))
 
 
 class LoopStage:

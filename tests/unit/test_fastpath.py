@@ -511,7 +511,7 @@ def test_ingest_output_is_the_same_with_and_without_the_fast_path() -> None:
         stage.fast_path = fast
         out = _Out()
         for offset, raw in enumerate(raws):
-            stage._one(out, _Msg(raw, offset), NOW_MS)  # type: ignore[arg-type]
+            out.produce(*stage._one(_Msg(raw, offset), NOW_MS))  # type: ignore[arg-type]
         outputs.append(out.produced)
     assert outputs[0] == outputs[1]
     delayed = [p for p in outputs[0] if p[0] == stage.delay_topic]
