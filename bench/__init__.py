@@ -48,6 +48,7 @@ Environment:
                            extra librdkafka settings for every stage (try a tuning, no edits)
     BENCH_PROFILE=DIR      attach ``py-spy record`` to each process (collapsed stacks in DIR);
     BENCH_PROFILE_IDLE=1   ... including time spent waiting (shows blocking calls)
+    BENCH_PROFILE_GIL=1    ... only the thread holding the GIL (where Python CPU goes)
 
 The output is a table (each ratio with its inputs and the raw rates behind it), the goal checks,
 and as the last line one JSON object (:data:`bench.report.JSON_KEYS`). Stage logs and configs are

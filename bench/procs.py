@@ -85,6 +85,9 @@ class Proc:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # --idle: also the time threads spend waiting, so a blocking call shows up.
             idle = ["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []
+            # --gil: only the thread holding the GIL, i.e. Python CPU (by default a thread
+            # waiting for the GIL counts as busy where it waits: FACTS.md).
+            idle += ["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []
             self.spy = subprocess.Popen(
                 [
                     spy,

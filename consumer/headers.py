@@ -53,12 +53,16 @@ def _items(headers: RawHeaders) -> list[tuple[str, str | bytes | None]]:
 
 def get(headers: RawHeaders, name: str) -> str | None:
     """The last value of ``name`` (later headers override earlier ones), decoded."""
-    for key, value in reversed(_items(headers)):
+    if not headers:
+        return None
+    found: str | bytes | None = None
+    # One forward pass, no copy: release and the sink read a header of every record.
+    for key, value in headers.items() if isinstance(headers, dict) else headers:
         if key == name:
-            if value is None:
-                return None
-            return value if isinstance(value, str) else value.decode("ascii", "replace")
-    return None
+            found = value
+    if found is None:
+        return None
+    return found if isinstance(found, str) else found.decode("ascii", "replace")
 
 
 def get_int(headers: RawHeaders, name: str) -> int | None:
