@@ -11,10 +11,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 
 from consumer import headers as h
-from consumer.clients import MAX_MESSAGE_BYTES, make_producer
+from consumer.clients import MAX_MESSAGE_BYTES
 from consumer.config import Settings
 from consumer.decode import Decoder, JsonDecoder, RegistryUnavailable, make_decoder
 from consumer.delayed import DelayedConsumer, now_ms
@@ -24,7 +24,7 @@ from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
 from consumer.records import encode_trace
-from consumer.stage import PIPELINE_PRODUCER_SETTINGS, BatchProducer, LoopStage, Output, Pipeline
+from consumer.stage import LoopStage, Output, Pipeline
 from consumer.topics import delay_topic, ingest_dlq_topic
 from consumer.trade import epoch_ms, project, record_key, validate_not_future
 
@@ -82,20 +82,7 @@ class IngestStage(LoopStage):
     def _started(self) -> dict[str, Any]:
         return {"topic": self.topic, "format": self.settings.input.format}
 
-    def _make_producer(self) -> Producer:
-        return make_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
-
-    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
-        # Not a batch at a time: waiting for each batch's acknowledgements before polling
-        # again was ~46% of the ingest loop (make bench R1), and a batch that waited long
-        # reached the delay topic as one burst, behind which release must hold the records of
-        # every other input partition (R3).
-        return Pipeline(producer, self.metrics, self.name, consumer)
-
-    def _handle(
-        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
-    ) -> None:
-        assert isinstance(out, Pipeline)
+    def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
         self.metrics.records_in.labels(self.name).inc(len(messages))
         send = out.send
         backed_off: set[tuple[str, int]] = set()

@@ -21,7 +21,7 @@ from consumer.errors import ConfigError
 from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
-from consumer.stage import PIPELINE_PRODUCER_SETTINGS, BatchProducer, LoopStage, Pipeline
+from consumer.stage import PIPELINE_PRODUCER_SETTINGS, LoopStage, Pipeline
 from consumer.topics import delay_topic, sink_topic
 
 log = get_logger("release")
@@ -35,7 +35,6 @@ def due_ms(msg: Message) -> int:
 
 class ReleaseStage(LoopStage):
     name = "release"
-    _pipeline: Pipeline
 
     def __init__(
         self, settings: Settings, metrics: Metrics, health: Health, *, batch_size: int = 1000
@@ -64,20 +63,14 @@ class ReleaseStage(LoopStage):
     def _make_producer(self) -> Producer:
         return make_release_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
 
-    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
-        self._pipeline = Pipeline(producer, self.metrics, self.name, consumer)
-        return self._pipeline
-
-    def _handle(
-        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
-    ) -> None:
+    def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
         self.metrics.records_in.labels(self.name).inc(len(messages))
         now = now_ms()
         lateness = self.metrics.lateness.labels(self.name, "")
-        send = self._pipeline.send
+        send = out.send
         for msg in messages:
             key, value, headers = msg.key(), msg.value(), msg.headers()
             send(msg, [(topic, value, key, headers) for topic in self.sinks])
             lateness.observe(max(0, now - due_ms(msg)) / 1000.0)
         # Served at once: acknowledgements that already arrived store their offsets now.
-        self._pipeline.settle()
+        out.settle()

@@ -3,13 +3,9 @@ offset only once the broker acknowledged every output of it (and of every record
 
 Both stages produce through :class:`Pipeline`: it polls again at once and stores offsets as
 acknowledgements arrive, in order per partition. Waiting for a whole batch's acknowledgements
-before polling again (:class:`BatchProducer`, its base, which still offers that) put
-``linger.ms`` plus a produce round trip between every batch and the next poll: on the lateness
-of every record that became due meanwhile (make bench R3), and ~46% of ingest's loop (R1). A
-:class:`BatchProducer` alone takes delivery reports for failures only
-(``delivery.report.only.error``): a Python callback per acknowledged message cost ~1 µs of CPU,
-a fifth of what producing a message costs in all (measured: 50k idempotent lz4 produces, 0.27
--> 0.22 CPU s).
+before polling again put ``linger.ms`` plus a produce round trip between every batch and the
+next poll: on the lateness of every record that became due meanwhile (make bench R3), and
+~46% of ingest's loop (R1).
 
 If an output fails, the input partition is rewound to the first record not acknowledged and
 processed again: duplicates are possible (at-least-once), loss is not.
@@ -34,103 +30,11 @@ from consumer.metrics import Metrics
 
 log = get_logger("stage")
 
-#: Producer settings a :class:`BatchProducer` relies on: success needs no callback.
-BATCH_PRODUCER_SETTINGS: dict[str, Any] = {"delivery.report.only.error": True}
 #: A :class:`Pipeline` counts every acknowledgement.
 PIPELINE_PRODUCER_SETTINGS: dict[str, Any] = {"delivery.report.only.error": False}
 
 #: One output: topic, value, key, headers.
 Output = tuple[str, bytes | None, bytes | str | None, h.RawHeaders]
-
-
-class BatchProducer:
-    """Produces one batch's outputs and waits for all of their acknowledgements.
-
-    Works with any producer; with ``delivery.report.only.error`` (as :class:`LoopStage` makes
-    it) librdkafka calls back only for failures, and an empty queue after ``flush`` with no
-    failure reported means every output was acknowledged.
-    """
-
-    def __init__(self, producer: Producer, metrics: Metrics, stage: str) -> None:
-        self.producer = producer
-        self._metrics = metrics
-        self._stage = stage
-        self._failed: list[KafkaError] = []
-        #: Outputs produced per topic in this batch, and how many of them failed.
-        self._produced: dict[str, int] = {}
-        self._lost: dict[str, int] = {}
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failed.append(err)
-            topic = msg.topic() or ""
-            self._lost[topic] = self._lost.get(topic, 0) + 1
-
-    def _produce(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | str | None,
-        headers: h.RawHeaders,
-        on_delivery: Any,
-    ) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
-                )
-            except BufferError:
-                # Local queue full: serve delivery reports to make room, then try again.
-                self.producer.poll(0.1)
-            else:
-                return
-
-    def produce(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | str | None = None,
-        headers: h.RawHeaders = None,
-    ) -> None:
-        self._produce(topic, value, key, headers, self._on_delivery)
-        self._produced[topic] = self._produced.get(topic, 0) + 1
-
-    def finish(self, timeout: float = 60.0) -> bool:
-        """Wait for every acknowledgement of this batch; True when all succeeded."""
-        remaining = self.producer.flush(timeout)
-        ok = remaining == 0 and not self._failed
-        if remaining == 0:
-            for topic, count in self._produced.items():
-                acked = count - self._lost.get(topic, 0)
-                if acked > 0:
-                    self._metrics.records_out.labels(self._stage, topic).inc(acked)
-        if not ok:
-            self._metrics.produce_errors.labels(self._stage).inc()
-            codes = sorted({e.name() for e in self._failed})
-            log.warning(
-                "batch not acknowledged; rewinding",
-                extra={"fields": {"stage": self._stage, "unacked": remaining, "errors": codes}},
-            )
-        self._failed = []
-        self._produced = {}
-        self._lost = {}
-        return ok
-
-    # -- the loop's hooks (a Pipeline overrides them) -----------------------------------------
-
-    def settle(self) -> None:
-        """Called before every poll: nothing is pending between batches here."""
-
-    def poll_cap(self) -> float | None:
-        """How long the next poll may block at most (None: no limit from here)."""
-        return None
-
-    def revoked(self, partitions: list[TopicPartition]) -> None:
-        """Called while partitions are being revoked: nothing is pending between batches."""
-
-    def drain(self, timeout: float) -> None:
-        """Wait for what is still in flight (the loop is stopping)."""
-        self.producer.flush(timeout)
 
 
 class _Record:
@@ -155,7 +59,7 @@ class _Record:
             self.failures.append(self)
 
 
-class Pipeline(BatchProducer):
+class Pipeline:
     """Produces each record's outputs without waiting; :meth:`settle` stores offsets as they
     are acknowledged.
 
@@ -172,8 +76,6 @@ class Pipeline(BatchProducer):
     the batch's later records of that partition be queued behind it, and stored, before the
     rewound ones came back.
 
-    ``produce``/``finish`` still work as in :class:`BatchProducer` (``finish`` then also
-    waits for what is in flight).
     """
 
     #: Records in flight before the loop waits for acknowledgements instead of polling.
@@ -191,7 +93,9 @@ class Pipeline(BatchProducer):
         *,
         ack_timeout: float = 60.0,
     ) -> None:
-        super().__init__(producer, metrics, stage)
+        self.producer = producer
+        self._metrics = metrics
+        self._stage = stage
         self._consumer = consumer
         self._ack_timeout = ack_timeout
         self._queues: dict[TP, deque[_Record]] = {}
@@ -204,6 +108,25 @@ class Pipeline(BatchProducer):
     def pending(self) -> int:
         """Input records with an output not acknowledged yet."""
         return self._pending
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None,
+        headers: h.RawHeaders,
+        on_delivery: _Record,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
+            except BufferError:
+                # Local queue full: serve delivery reports to make room, then try again.
+                self.producer.poll(0.1)
+            else:
+                return
 
     def send(self, record: Message, outputs: Sequence[Output]) -> None:
         """Produce every output of ``record``; its offset is stored once all are acknowledged."""
@@ -320,11 +243,6 @@ class Pipeline(BatchProducer):
         # next owner).
         self._ack_timeout = 0.0
 
-    def finish(self, timeout: float = 60.0) -> bool:
-        ok = super().finish(timeout)
-        self._settle()
-        return ok and not self._pending
-
 
 class LoopStage:
     """A batch stage (ingest, release): poll due records, handle them, until ``stop`` is set.
@@ -347,7 +265,7 @@ class LoopStage:
         self.settings = settings
         self.metrics = metrics
         self.health = health
-        self._out: BatchProducer | None = None
+        self._out: Pipeline | None = None
         health.register(self.name)
 
     def due_of(self, msg: Message) -> int:
@@ -362,15 +280,13 @@ class LoopStage:
         """Called after every poll (for gauges)."""
 
     def _make_producer(self) -> Producer:
-        return make_producer(self.settings, **BATCH_PRODUCER_SETTINGS)
+        return make_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
 
-    def _output(self, producer: Producer, consumer: DelayedConsumer) -> BatchProducer:
+    def _output(self, producer: Producer, consumer: DelayedConsumer) -> Pipeline:
         """What ``_handle`` produces through; it also decides when offsets are stored."""
-        return BatchProducer(producer, self.metrics, self.name)
+        return Pipeline(producer, self.metrics, self.name, consumer)
 
-    def _handle(
-        self, consumer: DelayedConsumer, out: BatchProducer, messages: list[Message]
-    ) -> None:
+    def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
         raise NotImplementedError
 
     def _on_rebalance(self, _partitions: Any) -> None:
