@@ -123,6 +123,9 @@ class SinkWorker:
         self._m_lateness = metrics.lateness.labels("sink", name)
         self._m_close_to_delivered = metrics.close_to_delivered.labels(name)
         self._m_adapter_call = metrics.adapter_call.labels(name)
+        self._m_failed = metrics.records_failed.labels(self.name)
+        self._m_retry = metrics.deliveries.labels(name, "retry")
+        self._m_retries = [metrics.retries.labels(name, str(i)) for i in range(len(self.tiers))]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -474,12 +477,12 @@ class SinkWorker:
             (h.SOURCE_GROUP, self.group),
         ]
         adapter = self.cfg.name
-        self.metrics.records_failed.labels(self.name).inc()
+        self._m_failed.inc()
         if isinstance(step, Retry):
             topic = self.retry_topics[step.tier]
             updates.append((h.RETRY_DUE_MS, step.due_ms))
-            self.metrics.deliveries.labels(adapter, "retry").inc()
-            self.metrics.retries.labels(adapter, str(step.tier)).inc()
+            self._m_retry.inc()
+            self._m_retries[step.tier].inc()
         else:
             assert isinstance(step, DeadLetter)
             topic = self.dlq
