@@ -73,9 +73,20 @@ def render_decimal(value: Decimal) -> str:
 
 
 def render_time(value: datetime) -> str:
-    """RFC 3339 UTC with milliseconds: ``2026-11-26T10:15:00.250Z``."""
+    """RFC 3339 UTC with milliseconds: ``2026-11-26T10:15:00.250Z``.
+
+    Every delivery renders two of these: a UTC time (what the codecs give) is formatted from its
+    fields, ~4 times cheaper than ``astimezone`` + ``strftime``, which stays for other zones and for
+    years below 1000 (``%Y`` does not pad them).
+    """
+    if value.tzinfo is not UTC or value.year < 1000:
+        return (
+            value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            + f"{value.microsecond // 1000:03d}Z"
+        )
     return (
-        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+        f"{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
     )
 
 
@@ -83,7 +94,9 @@ def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
     """The JSON form receivers get: decimals as strings, times as RFC 3339 UTC, enums as names."""
     out: dict[str, Any] = {}
     for key, value in record.items():
-        if isinstance(value, Decimal):
+        if isinstance(value, str) or value is None:
+            out[key] = value
+        elif isinstance(value, Decimal):
             out[key] = render_decimal(value)
         elif isinstance(value, datetime):
             out[key] = render_time(value)
@@ -92,8 +105,11 @@ def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def to_json_bytes(record: dict[str, Any]) -> bytes:
-    return json.dumps(to_json_dict(record), separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODE(to_json_dict(record)).encode()
 
 
 def idempotency_key(trade_id: str, adapter: str) -> str:

@@ -1,27 +1,26 @@
-"""The sink's hot path: TraceRecord bytes → record → JSON, without fastavro's generic reader.
+"""The sink's hot path: TraceRecord bytes → record, without fastavro's generic reader.
 
-Every delivery decodes one TraceRecord and renders it as JSON. fastavro's schemaless reader
-with its decimal and timestamp logical types took ~37 µs per record and the generic renderers
-in :mod:`consumer.records` ~45 µs, together a third of the sink worker's own CPU per delivery
-(``python -m bench.sink_micro``). The schema is small and fixed (``schemas/trace_record.avsc``)
-and evolves only through the compatibility guard, so a reader written for it is short.
+Every delivery decodes one TraceRecord. fastavro's schemaless reader with its decimal and
+timestamp logical types took ~37 µs per record, a sixth of the sink worker's own CPU per
+delivery (``python -m bench.sink_micro``; rendering the JSON, the other sixth, was made cheaper
+in :mod:`consumer.records` itself). The schema is small and fixed
+(``schemas/trace_record.avsc``) and evolves only through the compatibility guard, so a reader
+written for it is short.
 
 :func:`decode_trace` returns exactly what :func:`consumer.records.decode_trace` returns (same
 keys in schema order, equal values of the same types: ``Decimal`` at scale 8, ``datetime`` in
-UTC), and :func:`to_json_bytes` exactly what :func:`consumer.records.to_json_bytes` returns;
-``tests/unit/test_tracecodec.py`` holds both to that, property by property. A schema change
+UTC); ``tests/unit/test_tracecodec.py`` holds it to that, property by property. A schema change
 must update this reader in the same commit: the test that compares the field list with the
 ``.avsc`` fails otherwise.
 """
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any, Final
 
-from consumer.records import DECIMAL_SCALE, render_decimal, render_time
+from consumer.records import DECIMAL_SCALE
 
 #: (name, kind) in schema order; kinds: s string, ns null|string, e1 Side, d decimal, t
 #: timestamp-millis, ne2 null|CloseReason.
@@ -148,36 +147,4 @@ def decode_trace(data: bytes) -> dict[str, Any]:
     }
 
 
-def _time_text(value: datetime) -> str:
-    if value.tzinfo is UTC and value.year >= 1000:
-        return (
-            f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
-            f"{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
-        )
-    return render_time(value)
-
-
-def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
-    """As :func:`consumer.records.to_json_dict`, with a cheaper rendering of UTC times."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, str) or value is None:
-            out[key] = value
-        elif isinstance(value, Decimal):
-            out[key] = render_decimal(value)
-        elif isinstance(value, datetime):
-            out[key] = _time_text(value)
-        else:
-            out[key] = value
-    return out
-
-
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def to_json_bytes(record: dict[str, Any]) -> bytes:
-    """As :func:`consumer.records.to_json_bytes` (the body receivers get), byte for byte."""
-    return _ENCODE(to_json_dict(record)).encode()
-
-
-__all__ = ["FIELDS", "decode_trace", "to_json_bytes", "to_json_dict"]
+__all__ = ["FIELDS", "decode_trace"]

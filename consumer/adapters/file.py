@@ -67,7 +67,7 @@ from consumer.adapters.base import BatchAdapter, Delivery
 from consumer.config import FileAdapterSettings, SecretRef
 from consumer.errors import AdapterUnavailable, ConfigError, DeliveryError
 from consumer.log import get_logger
-from consumer.tracecodec import to_json_bytes
+from consumer.records import to_json_bytes
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

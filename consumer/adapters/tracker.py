@@ -71,7 +71,7 @@ from consumer.errors import (
     RetriableDeliveryError,
 )
 from consumer.log import get_logger
-from consumer.tracecodec import to_json_dict
+from consumer.records import to_json_dict
 
 log = get_logger("tracker")
 

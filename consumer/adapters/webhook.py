@@ -35,7 +35,7 @@ import yarl
 from consumer.adapters.base import Adapter, Delivery
 from consumer.config import SecretRef, WebhookAdapterSettings, format_duration
 from consumer.errors import ConfigError, FatalDeliveryError, RetriableDeliveryError
-from consumer.tracecodec import to_json_bytes
+from consumer.records import to_json_bytes
 
 Transport = Literal["aiohttp", "httpx"]
 
