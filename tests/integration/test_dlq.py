@@ -491,8 +491,11 @@ def test_rate_limiting_holds_at_the_receiver(bootstrap_servers: str, tmp_path: P
         f"\n60 records at --rate 20/s: replay took {took:.2f}s, deliveries spanned {span:.2f}s "
         f"({(len(arrivals) - 1) / span:.1f}/s), busiest second {busiest}"
     )
-    # A token bucket holding at most 0.25s of tokens: (60 - 5) / 20 = 2.75s at the very least.
-    assert span >= 2.5
+    # A token bucket holding at most 0.25s of tokens: (60 - 5) / 20 = 2.75s at the very least
+    # when sent. Measured at the receiver, the sink's own fetch and poll timing can shift the
+    # first and last arrivals by a few hundred ms (2.4996s was seen once); unlimited, the 60
+    # records arrive within well under a second.
+    assert span >= 2.25
     # Batches become visible per transaction (<= 0.25s of records), never a flood.
     assert busiest <= 30
 
