@@ -5,15 +5,30 @@
 #   docker build -t auto-trace:0.1.0 .
 #   docker run --rm auto-trace:0.1.0 topics create --dry-run
 #
-# Two stages: `build` installs the package and its dependencies into a virtualenv; the final
+# Three stages: `native` compiles ingest's native fast path (native/, Rust) into an abi3 wheel;
+# `build` installs the package, that wheel and the dependencies into a virtualenv; the final
 # stage copies only that virtualenv and the Avro schemas onto a fresh base, runs as an
-# unprivileged user and works with a read-only root filesystem. Every dependency ships binary
-# wheels for linux/amd64 and linux/arm64 (confluent-kafka bundles librdkafka), so no compiler
-# is needed in either stage.
+# unprivileged user and works with a read-only root filesystem. Every other dependency ships
+# binary wheels for linux/amd64 and linux/arm64 (confluent-kafka bundles librdkafka), so only
+# the `native` stage has a compiler.
 #
-# The base is pinned by tag; pin it by digest too in your build system
-# (--build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...).
+# The bases are pinned by tag; pin them by digest too in your build system
+# (--build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:..., likewise RUST_IMAGE).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
+
+FROM ${RUST_IMAGE} AS native
+# The system's packages are the base image's business (tools/check_dockerfile.py --install
+# does not run this line): a Python to run maturin, the wheel builder.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/maturin \
+ && /opt/maturin/bin/python -m pip install --quiet "maturin>=1.9,<2"
+WORKDIR /src/native
+COPY native/Cargo.toml native/pyproject.toml ./
+COPY native/src/ src/
+RUN /opt/maturin/bin/maturin build --release --out /opt/wheels
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -25,10 +40,13 @@ RUN python -m venv --without-pip /opt/auto-trace/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY consumer/ consumer/
-# A regular (non-editable) install: wheels only for the dependencies, byte-compiled.
+COPY --from=native /opt/wheels/ /opt/wheels/
+# A regular (non-editable) install: wheels only for the dependencies, byte-compiled. The check
+# at the end fails the build if the native fast path is missing from the image.
 RUN python -m pip --python /opt/auto-trace/venv/bin/python install --only-binary=:all: \
-        --no-binary=auto-trace . \
- && /opt/auto-trace/venv/bin/auto-trace --version
+        --no-binary=auto-trace . /opt/wheels/auto_trace_native-*.whl \
+ && /opt/auto-trace/venv/bin/auto-trace --version \
+ && /opt/auto-trace/venv/bin/python -c "import auto_trace_native"
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001

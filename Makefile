@@ -18,12 +18,33 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install auto-trace with its development tools
+# Ingest's native fast path (native/, Rust). NATIVE=0 skips it: everything works without it,
+# only slower, and its tests are skipped (they say so).
+NATIVE ?= 1
+# The tests fail (not skip) without the native module unless NATIVE=0 said it is left out.
+export AUTO_TRACE_REQUIRE_NATIVE := $(NATIVE)
+NATIVE_STAMP := $(VENV)/.native
+NATIVE_SRC := native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+
+$(NATIVE_STAMP): $(NATIVE_SRC) | $(STAMP)
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) to build the native fast path, or run make with NATIVE=0" >&2; exit 1; }
+	$(PY) -m pip install --quiet ./native
+	$(PY) -c "import auto_trace_native"
+	touch $(NATIVE_STAMP)
+
+ifeq ($(NATIVE),0)
+install: $(STAMP) ## create .venv and install auto-trace with its development tools (and the native fast path)
+else
+install: $(STAMP) $(NATIVE_STAMP)
+endif
 
 lint: install ## ruff (lint + format check) and mypy --strict on the package
 	$(VENV)/bin/ruff check consumer tests tools bench chaos
 	$(VENV)/bin/ruff format --check consumer tests tools bench chaos
 	$(VENV)/bin/mypy --strict consumer chaos bench
+ifneq ($(NATIVE),0)
+	cd native && cargo fmt --check && cargo clippy --quiet --release -- -D warnings
+endif
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix consumer tests tools bench chaos

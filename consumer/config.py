@@ -125,6 +125,10 @@ class InputSettings(_Section):
     schema_registry_secrets: dict[str, SecretRef] = Field(default_factory=dict)
     #: Consumer group of the ingest stage.
     group: str = "auto-trace-ingest"
+    #: JSON input's accelerator (consumer/native.py): ``auto`` (native when installed, else
+    #: Python), ``native`` (refuse to start without it), ``python``, or ``off`` (the pydantic
+    #: path for every record). Each gives the same bytes; only the speed differs.
+    fast_path: Literal["auto", "native", "python", "off"] = "auto"
 
     @model_validator(mode="after")
     def _registry_for_confluent(self) -> InputSettings:

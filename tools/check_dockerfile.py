@@ -8,10 +8,12 @@ Static checks (always):
     AUTO_TRACE_SCHEMAS_DIR to the directory that `COPY schemas/` fills, and copies nothing from
     the build context but the schemas (the package comes from the build stage).
 
-With --install, the build stage's instructions are *executed* on this machine, in a temporary
+With --install, the build stages' instructions are *executed* on this machine, in a temporary
 root (paths under /opt and /src are moved into it; `python` is this interpreter): the context is
-copied as `.dockerignore` filters it, each COPY, ENV, WORKDIR and RUN of the build stage is
-applied in order, then the final stage's COPYs and ENV. The final stage's RUN (user creation,
+copied as `.dockerignore` filters it, each COPY, ENV, WORKDIR and RUN of every stage but the last
+is applied in order (the `native` stage compiles the Rust fast path with this machine's cargo;
+its `apt-get` line, the base image's system packages, is not run), then the final stage's COPYs
+and ENV. The final stage's RUN (user creation,
 removing pip from the system Python) changes the system and is not executed. Then the image's
 entrypoint is started with the final stage's environment from another directory: `--version`,
 `topics create --dry-run` on a sample configuration, and both Avro schemas loaded from
@@ -251,6 +253,44 @@ print("package", pathlib.Path(consumer.__file__).parent, "schemas", schemas_dir(
 """
 
 
+def _run_stage(
+    stage: Stage, global_args: dict[str, str], ctx: Path, root: Path, base_env: dict[str, str]
+) -> None:
+    """Apply one build stage's instructions here, relocated under ``root``.
+
+    A ``COPY --from`` must copy a path to the same path (then an earlier stage already put it
+    there); a ``RUN apt-get ...`` installs the base image's system packages and is not run.
+    """
+    env = dict(base_env)
+    cwd = root
+    for ins in stage.instructions:
+        if ins.op == "ENV":
+            for word in shlex.split(ins.args):
+                key, _, value = word.partition("=")
+                if key != "PIP_NO_CACHE_DIR":
+                    env[key] = _relocate(substitute(value, env), root)
+        elif ins.op == "WORKDIR":
+            cwd = Path(_relocate(ins.args, root))
+            cwd.mkdir(parents=True, exist_ok=True)
+        elif ins.op == "COPY":
+            sources, dest, from_stage = copy_sources(ins)
+            if from_stage:
+                if sources != [dest] or not Path(_relocate(dest, root)).exists():
+                    raise SystemExit(
+                        f"line {ins.line}: COPY --from must copy a path that an "
+                        f"earlier stage made to the same path: {ins.args}"
+                    )
+                continue
+            _copy(sources, dest, ctx, root, cwd)
+        elif ins.op == "RUN":
+            if ins.args.startswith("apt-get"):
+                sys.stdout.write(f"  (not run here: RUN {ins.args})" + "\n")
+                continue
+            command = _relocate(substitute(ins.args, _stage_args(stage, global_args)), root)
+            sys.stdout.write(f"+ RUN {command}" + "\n")
+            subprocess.run(["sh", "-ec", command], cwd=cwd, env=env, check=True)
+
+
 def install_check(dockerfile: Path, context: Path, root: Path) -> None:
     global_args, stages = parse_dockerfile(dockerfile)
     rules = dockerignore_rules(context / ".dockerignore")
@@ -266,25 +306,9 @@ def install_check(dockerfile: Path, context: Path, root: Path) -> None:
     base_env.pop("PIP_NO_CACHE_DIR", None)
     for name in ("VIRTUAL_ENV", "PYTHONPATH", "AUTO_TRACE_SCHEMAS_DIR"):
         base_env.pop(name, None)
-    build, final = stages[0], stages[-1]
-    env = dict(base_env)
-    cwd = root
-    for ins in build.instructions:
-        if ins.op == "ENV":
-            for word in shlex.split(ins.args):
-                key, _, value = word.partition("=")
-                if key != "PIP_NO_CACHE_DIR":
-                    env[key] = _relocate(substitute(value, env), root)
-        elif ins.op == "WORKDIR":
-            cwd = Path(_relocate(ins.args, root))
-            cwd.mkdir(parents=True, exist_ok=True)
-        elif ins.op == "COPY":
-            sources, dest, _ = copy_sources(ins)
-            _copy(sources, dest, ctx, root, cwd)
-        elif ins.op == "RUN":
-            command = _relocate(substitute(ins.args, _stage_args(build, global_args)), root)
-            sys.stdout.write(f"+ RUN {command}" + "\n")
-            subprocess.run(["sh", "-ec", command], cwd=cwd, env=env, check=True)
+    *builders, final = stages
+    for stage in builders:
+        _run_stage(stage, global_args, ctx, root, base_env)
     runtime_env = dict(base_env)
     for ins in final.instructions:
         if ins.op == "COPY":

@@ -1,0 +1,69 @@
+"""Which fast path ingest runs: native (Rust, ``native/``), Python (:mod:`consumer.fastpath`), or
+none (the pydantic path for every record).
+
+The native module is an optional wheel (``auto_trace_native``, built by ``make install`` and in
+the image): a ``pip install`` without a Rust toolchain still gives a working ingest, only
+slower. Both fast paths obey one rule, tested on the same inputs: decline, or produce byte for
+byte what the pydantic path produces. ``input.fast_path`` picks one; ``native`` refuses to start
+without the module, so a deployment that counts on it cannot lose it silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Literal
+
+from consumer.errors import ConfigError
+from consumer.fastpath import FastRecord, JsonFastPath
+from consumer.records import DECIMAL_SCALE
+from consumer.trade import ISO_4217_CODES, MAX_INTEGER_DIGITS, MIN_TIME_MS
+
+#: Raw JSON bytes and now (epoch ms) → a :data:`FastRecord`, or None: "let pydantic decide".
+FastPath = Callable[[bytes, int], FastRecord | None]
+Choice = Literal["auto", "native", "python", "off"]
+
+MODULE = "auto_trace_native"
+
+
+def load_native(*, max_bytes: int, skew_ms: int) -> FastPath | None:
+    """The native fast path with the contract's constants, or None if it is not installed.
+
+    Every constant comes from :mod:`consumer.trade` and :mod:`consumer.records`, so the native
+    code holds no second copy of the contract's tables.
+    """
+    try:
+        module = importlib.import_module(MODULE)
+    except ImportError:
+        return None
+    fast: FastPath = module.FastPath(
+        max_bytes=max_bytes,
+        skew_ms=skew_ms,
+        min_time_ms=MIN_TIME_MS,
+        integer_digits=MAX_INTEGER_DIGITS,
+        scale=DECIMAL_SCALE,
+        currencies=set(ISO_4217_CODES),
+    )
+    return fast
+
+
+def choose_fast_path(
+    choice: Choice, *, max_bytes: int, skew_ms: int
+) -> tuple[str, FastPath | None]:
+    """``(name, fast path)`` for ``input.fast_path``; the name goes into ingest's start line."""
+    if choice == "off":
+        return "off", None
+    if choice in ("auto", "native"):
+        native = load_native(max_bytes=max_bytes, skew_ms=skew_ms)
+        if native is not None:
+            return "native", native
+        if choice == "native":
+            raise ConfigError(
+                f"input.fast_path: native, but the {MODULE} module is not installed "
+                "(build it with `pip install ./native`, which needs a Rust toolchain, or "
+                "choose auto or python)"
+            )
+    return "python", JsonFastPath(max_bytes=max_bytes, skew_ms=skew_ms)
+
+
+__all__ = ["Choice", "FastPath", "choose_fast_path", "load_native"]
