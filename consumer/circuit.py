@@ -57,6 +57,11 @@ class CircuitBreaker:
     def closed(self) -> bool:
         return self.state == "closed"
 
+    @property
+    def quiet(self) -> bool:
+        """Closed with no failure counted: a success has nothing to reset or announce."""
+        return self.state == "closed" and not self._failing
+
     def _set(self, state: State, reason: str) -> None:
         if state == self.state:
             return

@@ -75,6 +75,24 @@ def get_int(headers: RawHeaders, name: str) -> int | None:
         return None
 
 
+def get_many(headers: RawHeaders, *names: str) -> list[str | None]:
+    """Several headers in one pass, each as :func:`get` would read it (a failed delivery
+    reads six of them)."""
+    found: dict[str, str | bytes | None] = {}
+    if headers:
+        for key, value in headers.items() if isinstance(headers, dict) else headers:
+            if key in names:
+                found[key] = value  # the last one wins, as in get()
+    out: list[str | None] = []
+    for name in names:
+        value = found.get(name)
+        if value is None or isinstance(value, str):
+            out.append(value)
+        else:
+            out.append(value.decode("ascii", "replace"))
+    return out
+
+
 def get_ints(headers: RawHeaders, *names: str) -> list[int | None]:
     """Several integer headers in one pass, each as :func:`get_int` would read it.
 

@@ -15,11 +15,13 @@ thread serves producer acknowledgements so they never wait for a poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,10 +59,82 @@ class UndecodableRecord(DeliveryError):
     """A sink or retry record whose bytes are not a TraceRecord (never retried)."""
 
 
-@dataclass(slots=True)
+class FailureLog:
+    """Failed deliveries in the log, without one INFO line per failure.
+
+    Operators must see failures, but in an outage or a retry storm a line per failure is a
+    flood, and formatting it was a tenth of the retry path's CPU. So: every failure is logged
+    at DEBUG; at INFO the first failure after a quiet ``interval`` is logged in full at once,
+    and the ones after it within the interval are counted by error class and next topic and
+    logged as one summary when the interval ends.
+    """
+
+    def __init__(self, adapter: str, interval: float = 10.0) -> None:
+        self.adapter = adapter
+        self.interval = interval
+        self._until: float | None = None
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def record(self, error_class: str, next_topic: str, now: float) -> bool:
+        """Count a failure; True when it is to be logged in full at INFO."""
+        if self._until is None or now >= self._until:
+            self.flush(None)
+            self._until = now + self.interval
+            return True
+        key = (error_class, next_topic)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return False
+
+    def flush(self, now: float | None) -> None:
+        """Log the summary if the interval is over (``now`` None: whatever is counted)."""
+        if not self._counts or (now is not None and self._until is not None and now < self._until):
+            return
+        counts, self._counts = self._counts, {}
+        log.info(
+            "delivery failures",
+            extra={
+                "fields": {
+                    "adapter": self.adapter,
+                    "count": sum(counts.values()),
+                    "within_s": self.interval,
+                    "by_error_and_next": {f"{e} -> {t}": n for (e, t), n in counts.items()},
+                }
+            },
+        )
+
+
+@dataclass(slots=True, eq=False)
 class _Partition:
-    #: Offsets dispatched and not yet final, with a done flag, in consumption order.
-    pending: deque[list[Any]] = field(default_factory=deque)
+    tp: TP
+    #: Records dispatched and not yet final, in consumption order.
+    pending: deque[_Job] = field(default_factory=deque)
+    #: Dispatched records whose work has not ended (final, failed or abandoned).
+    unfinished: int = 0
+    #: Set when ``unfinished`` drops to zero, for whoever drains the partition.
+    drained: asyncio.Future[None] | None = None
+    #: Lost in a rebalance: its queued records are abandoned, its offsets never stored.
+    revoked: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    msg: Message
+    offset: int
+    delivery: Delivery | UndecodableRecord
+    part: _Partition
+    key: bytes
+    #: A batch adapter's first attempt, handed over at dispatch.
+    appended: Awaitable[None] | None = None
+    done: bool = False
+
+
+def _int(value: str | None) -> int:
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        return 0
 
 
 def _due(msg: Message) -> int:
@@ -97,17 +171,25 @@ class SinkWorker:
         self._batching = isinstance(self.adapter, BatchAdapter)
         self._saturated = False
         self._partitions: dict[TP, _Partition] = {}
-        self._tasks: dict[TP, set[asyncio.Task[None]]] = {}
-        #: Per key, a future done when its latest dispatched record is final (whatever the
-        #: outcome): the next record of the key starts after it. A bare future, not the task:
-        #: asyncio.wait on a task cost an eighth of the engine's time per record.
-        self._key_tail: dict[bytes, asyncio.Future[None]] = {}
+        #: Keys with a record being worked on, and that key's records waiting behind it (in
+        #: consumption order): a key's next record becomes ready only when the one before it
+        #: has ended, whatever the outcome.
+        self._keys: dict[bytes, deque[_Job] | None] = {}
+        #: Records whose key is free, waiting for a worker; workers with nothing to do.
+        self._ready: deque[_Job] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        #: ``concurrency`` long-lived workers (or, for a batch adapter, one task per record).
+        self._workers: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        self._limit = adapter_settings.timeout.total_seconds() * 2 + 1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sem: asyncio.Semaphore | None = None
         self._consumer: DelayedConsumer | None = None
         self._producer: Producer | None = None
         self._stop_acks = threading.Event()
+        #: Producer acknowledgements collected on the acks thread, handed to the loop in one
+        #: call per poll (one call_soon_threadsafe per ack woke the loop for each of them).
+        self._acks: list[tuple[asyncio.Future[KafkaError | None], KafkaError | None]] = []
+        self._failures = FailureLog(adapter_settings.name)
         circuit_gauge = metrics.circuit_state.labels(adapter_settings.name)
         self.breaker = CircuitBreaker(
             adapter_settings.name,
@@ -135,7 +217,6 @@ class SinkWorker:
 
     async def _main(self, stop: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._producer = make_producer(self.settings)
         consumer = DelayedConsumer(
             make_consumer(self.settings, self.group, delayed=True),
@@ -150,6 +231,9 @@ class SinkWorker:
             1, thread_name_prefix=f"{self.name}-poll", initializer=set_stage, initargs=(self.name,)
         )
         await self.adapter.start()
+        if not self._batching:
+            for _ in range(self.cfg.concurrency):
+                self._spawn(self._work())
         consumer.subscribe([self.sink_topic, *self.retry_topics])
         topics = [self.sink_topic, *self.retry_topics]
         self.metrics.watch_consumer(self.name, self.group, topics, consumer.snapshot)
@@ -180,8 +264,12 @@ class SinkWorker:
                 for msg in messages:
                     self._dispatch(msg)
                 in_flight.set(self._in_flight)
+                self._failures.flush(time.monotonic())
             await self._shutdown(poller)
         finally:
+            for task in self._workers:
+                task.cancel()
+            self._failures.flush(None)
             self.metrics.unwatch_consumer(self.name)
             self._stop_acks.set()
             acks.join(timeout=5)
@@ -200,29 +288,54 @@ class SinkWorker:
         consumer.throttle(True)
         grace = self.settings.shutdown.grace.total_seconds()
         if isinstance(self.adapter, BatchAdapter):
-            await self.adapter.flush(list(self._tasks))
-        tasks = [t for ts in self._tasks.values() for t in ts]
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=max(0.0, grace - 2.0))
-            for task in pending:
-                # Its offset is never stored: the record is delivered again after restart.
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-                log.warning(
-                    "abandoned in-flight deliveries at shutdown",
-                    extra={"fields": {"adapter": self.cfg.name, "count": len(pending)}},
-                )
+            await self.adapter.flush(list(self._partitions))
+        parts = list(self._partitions.values())
+        await self._until_finished(parts, max(0.0, grace - 2.0))
+        abandoned = sum(p.unfinished for p in parts)
+        workers = list(self._workers)
+        for task in workers:
+            # A record in hand is abandoned: its offset is never stored and it is delivered
+            # again after restart.
+            task.cancel()
+        if workers:
+            await asyncio.wait(workers, timeout=1.0)
+        if abandoned:
+            log.warning(
+                "abandoned in-flight deliveries at shutdown",
+                extra={"fields": {"adapter": self.cfg.name, "count": abandoned}},
+            )
         assert self._producer is not None
         self._producer.flush(5)
+        self._resolve_acks()
         # close() runs the revoke callback, which must not block the loop thread.
         await self._loop.run_in_executor(poller, self._store_offsets)
         await self._loop.run_in_executor(poller, consumer.close)
 
+    async def _until_finished(self, parts: list[_Partition], within: float | None) -> None:
+        assert self._loop is not None
+        waits = []
+        for part in parts:
+            if part.unfinished:
+                if part.drained is None or part.drained.done():
+                    part.drained = self._loop.create_future()
+                waits.append(part.drained)
+        if waits:
+            await asyncio.wait(waits, timeout=within)
+
     def _serve_acks(self) -> None:
-        assert self._producer is not None
+        assert self._producer is not None and self._loop is not None
+        producer, loop = self._producer, self._loop
         while not self._stop_acks.is_set():
-            self._producer.poll(0.05)
+            producer.poll(0.05)
+            if self._acks:
+                with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                    loop.call_soon_threadsafe(self._resolve_acks)
+
+    def _resolve_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for future, err in acks:
+            if not future.done():  # cancelled: abandoned at shutdown
+                future.set_result(err)
 
     # -- rebalance (called on the poll thread) ---------------------------------------------
 
@@ -246,73 +359,135 @@ class SinkWorker:
             )
 
     async def _drain(self, revoked: list[TP]) -> None:
-        if isinstance(self.adapter, BatchAdapter):
-            await self.adapter.flush(revoked)
-        tasks = [t for tp in revoked for t in self._tasks.get(tp, ())]
-        if tasks:
-            await asyncio.wait(tasks)
-        for tp in revoked:
-            self._partitions.pop(tp, None)
-            self._tasks.pop(tp, None)
+        try:
+            if isinstance(self.adapter, BatchAdapter):
+                await self.adapter.flush(revoked)
+            parts = [self._partitions[tp] for tp in revoked if tp in self._partitions]
+            await self._until_finished(parts, None)
+        finally:
+            # Not drained in time (cancelled): what is still queued is abandoned, unstored.
+            for tp in revoked:
+                part = self._partitions.pop(tp, None)
+                if part is not None:
+                    part.revoked = True
 
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self, msg: Message) -> None:
-        assert self._loop is not None
         tp = (msg.topic() or "", msg.partition() or 0)
         offset = msg.offset()
         assert offset is not None
-        entry = [offset, False]
-        self._partitions.setdefault(tp, _Partition()).pending.append(entry)
-        self._in_flight += 1
+        part = self._partitions.get(tp)
+        if part is None:
+            part = self._partitions[tp] = _Partition(tp)
         delivery = self._delivery(msg)
-        appended: Awaitable[None] | None = None
-        if self._batching and isinstance(delivery, Delivery):
+        if self._batching:
             # Handed over now, in consumption order: batch boundaries must not depend on
-            # how tasks happen to be scheduled.
+            # how tasks happen to be scheduled. Batches keep a key's records in order
+            # themselves, and hold many records each, so each record waits in its own task.
             assert isinstance(self.adapter, BatchAdapter)
-            appended = self.adapter.append(delivery)
-            key = b""
-            previous = None
-            gate = None
+            appended = self.adapter.append(delivery) if isinstance(delivery, Delivery) else None
+            job = _Job(msg, offset, delivery, part, b"", appended)
+            self._admit(job)
+            self._spawn(self._run_guarded(job))
+            return
+        job = _Job(msg, offset, delivery, part, msg.key() or b"")
+        self._admit(job)
+        if job.key in self._keys:
+            waiting = self._keys[job.key]
+            if waiting is None:
+                waiting = self._keys[job.key] = deque()
+            waiting.append(job)
         else:
-            key = msg.key() or b""
-            previous = self._key_tail.get(key)
-            gate = self._loop.create_future()
-            self._key_tail[key] = gate
-        task = self._loop.create_task(self._process(msg, delivery, previous, appended))
-        self._tasks.setdefault(tp, set()).add(task)
+            self._keys[job.key] = None
+            self._make_ready(job)
 
-        def finished(t: asyncio.Task[None]) -> None:
-            self._tasks.get(tp, set()).discard(t)
-            if gate is not None:
-                if not gate.done():  # cancelled with the task that awaited it
-                    gate.set_result(None)
-                if self._key_tail.get(key) is gate:
-                    del self._key_tail[key]
-            self._in_flight -= 1
-            if not t.cancelled() and t.exception() is None:
-                entry[1] = True
-                self._advance(tp)
+    def _admit(self, job: _Job) -> None:
+        job.part.pending.append(job)
+        job.part.unfinished += 1
+        self._in_flight += 1
 
-        task.add_done_callback(finished)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
 
-    def _advance(self, tp: TP) -> None:
+    def _make_ready(self, job: _Job) -> None:
+        self._ready.append(job)
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _work(self) -> None:
+        """One of ``concurrency`` workers: takes ready records one at a time until cancelled.
+
+        A fixed pool instead of a task, a done-callback, a key-order future and a semaphore
+        slot per record: under load a worker goes from one record to the next without any.
+        """
+        assert self._loop is not None
+        loop, ready, idle = self._loop, self._ready, self._idle
+        while True:
+            if not ready:
+                waiter = loop.create_future()
+                idle.append(waiter)
+                await waiter
+                continue
+            job = ready.popleft()
+            if job.part.revoked:
+                # Its partition was revoked before it started: abandoned, offset unstored.
+                self._ended(job, final=False)
+                continue
+            await self._run_guarded(job)
+
+    async def _run_guarded(self, job: _Job) -> None:
+        try:
+            await self._run(job)
+        except asyncio.CancelledError:
+            raise  # shutdown: the record is abandoned, its offset never stored
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive a bug
+            log.error(  # noqa: TRY400 - the traceback could quote record values
+                "sink engine failed on a record; it is delivered again after a restart",
+                extra={"fields": {"adapter": self.cfg.name, "exc_class": type(exc).__name__}},
+            )
+            self._ended(job, final=False)
+        else:
+            self._ended(job, final=True)
+
+    def _ended(self, job: _Job, *, final: bool) -> None:
+        """A record's work is over: store its offset if it was final, free its key."""
+        self._in_flight -= 1
+        part = job.part
+        part.unfinished -= 1
+        if final:
+            job.done = True
+            if not part.revoked:
+                self._advance(part)
+        if part.unfinished == 0 and part.drained is not None and not part.drained.done():
+            part.drained.set_result(None)
+        if not self._batching:
+            waiting = self._keys.get(job.key)
+            if waiting:
+                self._make_ready(waiting.popleft())
+            else:
+                del self._keys[job.key]
+
+    def _advance(self, part: _Partition) -> None:
         """Mark the offset after the longest finished prefix of the partition for storing.
 
         Stored by the poll thread (:meth:`_store_offsets`): librdkafka's ``store_offsets``
         blocks while another thread is inside ``poll`` (measured: each call waited for the poll
         timeout, 24 deliveries/s), so only the poll thread touches the consumer.
         """
-        part = self._partitions.get(tp)
-        if part is None:
-            return
+        pending = part.pending
         last = None
-        while part.pending and part.pending[0][1]:
-            last = part.pending.popleft()[0]
+        while pending and pending[0].done:
+            last = pending.popleft().offset
         if last is not None:
             with self._offsets_lock:
-                self._to_store[tp] = last + 1
+                self._to_store[part.tp] = last + 1
 
     def _store_offsets(self) -> None:
         with self._offsets_lock:
@@ -352,51 +527,35 @@ class SinkWorker:
         self._store_offsets()
         return self._consumer.poll_due(room, 0.2)
 
-    async def _process(
-        self,
-        msg: Message,
-        delivery: Delivery | UndecodableRecord,
-        previous: asyncio.Future[None] | None,
-        appended: Awaitable[None] | None = None,
-    ) -> None:
-        """Deliver one record until its outcome is final (delivered, or on its next topic).
-
-        ``appended``: a batch adapter's first attempt, already handed over at dispatch.
-        """
+    async def _run(self, job: _Job) -> None:
+        """Deliver one record until its outcome is final (delivered, or on its next topic)."""
+        delivery = job.delivery
         if isinstance(delivery, UndecodableRecord):
-            await self._settle(msg, delivery)
+            await self._settle(job.msg, delivery)
             return
-        if previous is not None:
-            # Same key: strictly after the earlier record, whatever its outcome. Only this
-            # task awaits the future, so cancelling it along with this task harms no one.
-            await previous
-        assert self._sem is not None
+        appended, job.appended = job.appended, None
+        breaker = self.breaker
         while True:
-            # While the circuit is open, wait here, outside the concurrency limit, so the one
-            # probe can always get a slot.
+            # While the circuit is open, workers wait here; one of them becomes the probe.
             # A record already appended to a batch must not become the probe: its batch may
             # wait for records that cannot come while the circuit pauses the partitions.
-            probe = (
-                await self.breaker.admit()
-                if appended is None and not self.breaker.closed
-                else False
-            )
+            probe = await breaker.admit() if appended is None and not breaker.closed else False
             if appended is not None:
-                error = await self._attempt(delivery, appended, limit=None)
+                error = await self._attempt(delivery, appended, None)
                 appended = None
             elif self._batching:
-                error = await self._attempt(delivery, self.adapter.deliver(delivery), limit=None)
+                error = await self._attempt(delivery, self.adapter.deliver(delivery), None)
             else:
-                async with self._sem:
-                    error = await self._attempt(delivery, self.adapter.deliver(delivery))
+                error = await self._attempt(delivery, self.adapter.deliver(delivery), self._limit)
             if error is None:
-                await self.breaker.success(probe)
+                if probe or not breaker.quiet:
+                    await breaker.success(probe)
                 return
-            if await self.breaker.failure(error, probe, delivery.idempotency_key):
+            if await breaker.failure(error, probe, delivery.idempotency_key):
                 # Adapter-wide: the record is not to blame; it waits for the circuit to close.
                 self.metrics.deliveries.labels(self.cfg.name, "adapter_down").inc()
                 continue
-            await self._settle(msg, error)
+            await self._settle(job.msg, error)
             return
 
     def _delivery(self, msg: Message) -> Delivery | UndecodableRecord:
@@ -414,16 +573,14 @@ class SinkWorker:
         )
 
     async def _attempt(
-        self, delivery: Delivery, call: Awaitable[None], *, limit: float | None = -1.0
+        self, delivery: Delivery, call: Awaitable[None], limit: float | None
     ) -> DeliveryError | None:
         """Await one delivery call, classify its outcome, and count it.
 
-        ``limit`` bounds a hung adapter (default: twice its timeout); None for batch adapters,
-        whose records wait for their batch to fill.
+        ``limit`` bounds a hung adapter (twice its timeout); None for batch adapters, whose
+        records wait for their batch to fill.
         """
         adapter = self.cfg.name
-        if limit is not None and limit < 0:
-            limit = self.cfg.timeout.total_seconds() * 2 + 1
         started = time.perf_counter()
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the call in one more task.
@@ -454,22 +611,31 @@ class SinkWorker:
         """Send a failed record to its next topic; return only once the broker has it."""
         headers = msg.headers()
         now = now_ms()
-        attempts = (h.get_int(headers, h.ATTEMPTS) or 0) + 1
-        step = next_step(error, self.tier_of.get(msg.topic() or ""), self.tiers, now)
-        if h.get(headers, h.ORIGIN_TOPIC) is not None:
+        attempts, first_failure, o_topic, o_partition, o_offset, trade_id = h.get_many(
+            headers,
+            h.ATTEMPTS,
+            h.FIRST_FAILURE_MS,
+            h.ORIGIN_TOPIC,
+            h.ORIGIN_PARTITION,
+            h.ORIGIN_OFFSET,
+            h.TRADE_ID,
+        )
+        attempt = _int(attempts) + 1
+        topic_in = msg.topic() or ""
+        step = next_step(error, self.tier_of.get(topic_in), self.tiers, now)
+        origin: tuple[str | int, ...]
+        if o_topic is not None:
             # Already failed before: keep where the record was first consumed.
-            origin: tuple[str | int, ...] = tuple(
-                h.get(headers, name) or ""
-                for name in (h.ORIGIN_TOPIC, h.ORIGIN_PARTITION, h.ORIGIN_OFFSET)
-            )
+            origin = (o_topic, o_partition or "", o_offset or "")
         else:
-            origin = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+            origin = (topic_in, msg.partition() or 0, msg.offset() or 0)
+        error_class = type(error).__name__
         updates: list[tuple[str, str | int]] = [
-            (h.ATTEMPTS, attempts),
+            (h.ATTEMPTS, attempt),
             (h.ADAPTER, self.cfg.name),
-            (h.ERROR_CLASS, type(error).__name__),
+            (h.ERROR_CLASS, error_class),
             (h.ERROR_MESSAGE, scrub(str(error))),
-            (h.FIRST_FAILURE_MS, h.get_int(headers, h.FIRST_FAILURE_MS) or now),
+            (h.FIRST_FAILURE_MS, _int(first_failure) or now),
             (h.LAST_FAILURE_MS, now),
             (h.ORIGIN_TOPIC, origin[0]),
             (h.ORIGIN_PARTITION, origin[1]),
@@ -487,22 +653,24 @@ class SinkWorker:
             assert isinstance(step, DeadLetter)
             topic = self.dlq
             self.metrics.deliveries.labels(adapter, "dead_letter").inc()
-            self.metrics.dead_letters.labels(adapter, type(error).__name__).inc()
-        log.info(
-            "delivery failed",
-            extra={
-                "fields": {
-                    "adapter": adapter,
-                    "topic": msg.topic(),
-                    "partition": msg.partition(),
-                    "offset": msg.offset(),
-                    "trade_id": h.get(headers, h.TRADE_ID),
-                    "error_class": type(error).__name__,
-                    "attempts": attempts,
-                    "next": topic,
-                }
-            },
-        )
+            self.metrics.dead_letters.labels(adapter, error_class).inc()
+        full = self._failures.record(error_class, topic, time.monotonic())
+        if full or log.isEnabledFor(logging.DEBUG):
+            (log.info if full else log.debug)(
+                "delivery failed",
+                extra={
+                    "fields": {
+                        "adapter": adapter,
+                        "topic": topic_in,
+                        "partition": msg.partition(),
+                        "offset": msg.offset(),
+                        "trade_id": trade_id,
+                        "error_class": error_class,
+                        "attempts": attempt,
+                        "next": topic,
+                    }
+                },
+            )
         await self._produce_durably(topic, msg.key(), msg.value(), h.replace(headers, updates))
 
     async def _produce_durably(
@@ -519,7 +687,9 @@ class SinkWorker:
             future: asyncio.Future[KafkaError | None] = loop.create_future()
 
             def on_delivery(err: KafkaError | None, _msg: Message, f: Any = future) -> None:
-                loop.call_soon_threadsafe(lambda: f.done() or f.set_result(err))
+                # Runs on the acks thread (or the loop thread in flush): the acks thread hands
+                # what it collected to the loop once per poll.
+                self._acks.append((f, err))
 
             try:
                 self._producer.produce(

@@ -4,6 +4,7 @@ T+X release, per-adapter sink workers, tiered retries and the DLQ."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import statistics
@@ -224,6 +225,50 @@ def test_a_fatal_failure_goes_straight_to_the_dlq(bootstrap_servers: str) -> Non
     assert header(dead, h.ATTEMPTS) == "1"
     assert header(dead, h.ERROR_CLASS) == "FatalDeliveryError"
     assert retried == [0] * len(retried)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_failures_are_logged_once_in_full_then_summarised_and_each_at_debug(
+    bootstrap_servers: str,
+) -> None:
+    sink_log = logging.getLogger("auto_trace.sink")
+    capture = _Capture()
+    level = sink_log.level
+    sink_log.addHandler(capture)
+    sink_log.setLevel(logging.DEBUG)
+    try:
+        with WebhookReceiver(WEBHOOK_SECRET, fail=always(422)) as receiver:
+            settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)])
+            create_topics(settings)
+            trades = _trades(30, seed=37)
+            produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+            with running(*_stages(settings)), reader(bootstrap_servers, dlq_topic(settings)) as dlq:
+                dlq.read(len(trades), timeout=30)
+    finally:
+        sink_log.removeHandler(capture)
+        sink_log.setLevel(level)
+    failed = [r for r in capture.records if r.getMessage() == "delivery failed"]
+    full = [r for r in failed if r.levelno == logging.INFO]
+    summaries = [r for r in capture.records if r.getMessage() == "delivery failures"]
+    assert len(failed) == len(trades)  # every failure at DEBUG or above
+    assert len(full) == 1  # all within one interval: one in full at INFO...
+    assert len(summaries) == 1 and summaries[0].levelno == logging.INFO  # ...then one summary
+    fields = summaries[0].fields  # type: ignore[attr-defined]
+    assert fields["adapter"] == "hook"
+    assert fields["count"] == len(trades) - 1
+    assert fields["by_error_and_next"] == {
+        f"FatalDeliveryError -> {dlq_topic(settings)}": len(trades) - 1
+    }
+    logged_ids = {r.fields["trade_id"] for r in failed}  # type: ignore[attr-defined]
+    assert logged_ids == {t["trade_id"] for t in trades}
 
 
 def reader_count(bootstrap: str, topic: str) -> int:
