@@ -53,12 +53,15 @@ fn put_string(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(text.as_bytes());
 }
 
-/// Python's `str.isspace()` is true for a few more characters than Rust's `is_whitespace`
-/// (U+001C..U+001F). Rather than mirror either table, a text counts as "not blank" only when
-/// it holds a visible ASCII character; a text of other characters alone is declined, and the
-/// pydantic path decides it.
-fn visibly_not_blank(text: &str) -> bool {
-    text.bytes().any(|b| (0x21..=0x7E).contains(&b))
+/// Python's `str.isspace()` for one character: Unicode White_Space (Rust's `is_whitespace`)
+/// plus U+001C..U+001F, which Python counts as space through their bidirectional class.
+fn python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `text and not text.isspace()`, as the model's "not empty after strip()".
+fn not_blank(text: &str) -> bool {
+    text.chars().any(|c| !python_space(c))
 }
 
 /// `[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}`, whole.
@@ -192,7 +195,7 @@ impl<'de> Deserialize<'de> for Trade<'de> {
 /// A scalar the Python fast path reads as `Any`: msgspec gives an integer (no fraction, no
 /// exponent) as an int and any other number, through ``float_hook=str``, as its own text.
 enum Scalar<'a> {
-    Int(i64),
+    Int(i128),
     Text(Cow<'a, str>),
 }
 
@@ -206,8 +209,8 @@ fn scalar(raw: &RawValue) -> Option<Scalar<'_>> {
             if text.bytes().any(|c| matches!(c, b'.' | b'e' | b'E')) {
                 Some(Scalar::Text(Cow::Borrowed(text)))
             } else {
-                // Past i64 Python would still have an int; declining is always safe.
-                text.parse::<i64>().ok().map(Scalar::Int)
+                // Past i128 Python would still have an int; declining is always safe.
+                text.parse::<i128>().ok().map(Scalar::Int)
             }
         }
         _ => None, // true, false, null
@@ -230,10 +233,7 @@ impl Rules {
     fn unscaled(&self, raw: &RawValue) -> Option<i128> {
         match scalar(raw)? {
             Scalar::Text(text) => self.decimal_text(&text),
-            Scalar::Int(n) => {
-                let n = i128::from(n);
-                (-self.max_whole < n && n < self.max_whole).then(|| n * self.unit)
-            }
+            Scalar::Int(n) => (-self.max_whole < n && n < self.max_whole).then(|| n * self.unit),
         }
     }
 
@@ -267,7 +267,7 @@ impl Rules {
     /// Epoch ms of a time the model reads as the same millisecond, or None to decline.
     fn epoch_ms(&self, raw: &RawValue) -> Option<i64> {
         match scalar(raw)? {
-            Scalar::Int(ms) => (ms >= self.min_time_ms).then_some(ms),
+            Scalar::Int(ms) => i64::try_from(ms).ok().filter(|ms| *ms >= self.min_time_ms),
             Scalar::Text(text) => self.time_text(&text),
         }
     }
@@ -389,10 +389,7 @@ impl FastPath {
         if !r.currencies.contains(currency) || !is_uuid(event_id) {
             return None;
         }
-        if !visibly_not_blank(trade_id)
-            || !visibly_not_blank(instrument)
-            || signal.is_some_and(|s| !visibly_not_blank(s))
-        {
+        if !not_blank(trade_id) || !not_blank(instrument) || signal.is_some_and(|s| !not_blank(s)) {
             return None;
         }
 

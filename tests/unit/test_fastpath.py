@@ -1,4 +1,8 @@
-"""The ingest fast path may only decline or agree, byte for byte, with the pydantic path.
+"""Ingest's fast paths may only decline or agree, byte for byte, with the pydantic path.
+
+Every property runs against both fast paths: the Python one (:mod:`consumer.fastpath`) and the
+native one (``native/``, when installed; tests/unit/test_native.py fails its absence under
+``make test``). Where a test says a form must take the fast path, it must take both.
 
 The reference is the pydantic path exactly as ingest runs it (JsonDecoder → validate_not_future
 → project → encode_trace, key and headers as ingest builds them). Inputs are JSON texts built
@@ -26,6 +30,7 @@ from consumer.fastpath import JsonFastPath
 from consumer.health import Health
 from consumer.ingest import IngestStage, trace_headers
 from consumer.metrics import Metrics
+from consumer.native import FastPath, load_native
 from consumer.records import encode_trace
 from consumer.samples import DEFAULT_START_MS, sample_trade, to_json
 from consumer.trade import MIN_TIME_MS, epoch_ms, project, record_key, validate_not_future
@@ -38,6 +43,9 @@ NOW_MS = DEFAULT_START_MS + 10 * 86_400_000
 OPEN = "2026-11-01T00:00:00Z"
 DECODER = JsonDecoder()
 FAST = JsonFastPath(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS)
+_NATIVE = load_native(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS)
+#: Every fast path installed, by name.
+FASTS: dict[str, FastPath] = {"python": FAST, **({"native": _NATIVE} if _NATIVE else {})}
 
 Result = tuple[bytes, bytes, int, bytes]
 
@@ -59,17 +67,22 @@ def pydantic_path(raw: bytes, now: int = NOW_MS) -> Result | None:
 
 
 def check(raw: bytes, now: int = NOW_MS) -> Result | None:
-    """The property, for one input: the fast path declines, or gives the reference's output.
+    """The property, for one input: every fast path declines, or gives the reference's output.
 
-    Called twice: the first call may fill the memo tables, the second reads them.
+    Returns their common output when every fast path took the record, None when any declined.
+    Each is called twice: the first call may fill the Python path's memo tables, the second
+    reads them.
     """
     reference = pydantic_path(raw, now)
-    for _ in range(2):
-        fast = FAST(raw, now)
-        if fast is not None:
-            assert reference is not None, "fast path accepted what the pydantic path rejects"
-            assert fast == reference
-    return FAST(raw, now)
+    results = []
+    for name, fast in FASTS.items():
+        for _ in range(2):
+            out = fast(raw, now)
+            if out is not None:
+                assert reference is not None, f"{name} fast path accepted what pydantic rejects"
+                assert out == reference, name
+        results.append(out)
+    return None if None in results else results[0]
 
 
 def as_fields(trade: dict[str, Any], ensure_ascii: bool = False) -> list[tuple[str, str]]:
@@ -99,7 +112,7 @@ def test_every_benchmark_record_takes_the_fast_path_with_identical_output() -> N
     close_start = NOW_MS - 10_000
     pool = trade_pool(close_start, size=300)
     for _key, raw, _headers in trade_records(pool, 1000, close_start):
-        assert FAST(raw, NOW_MS) is not None
+        assert check(raw) is not None
         assert check(raw) == pydantic_path(raw)
 
 
@@ -228,6 +241,8 @@ def test_input_the_stdlib_parser_refuses_is_declined(name: str, raw: bytes) -> N
         {"event_id": "{5f0c3a5e-8d4e-4b8a-9a7e-0a1b2c3d4e5f}"},
         {"trade_id": ""},
         {"trade_id": " \u00a0\t"},
+        {"trade_id": "\x1c\x1f"},  # space to Python's isspace(), not to Unicode's White_Space
+        {"instrument": "\u3000\u2029"},
         {"trade_id": 17},
         {"signal_id": " "},
         {"signal_id": 5},
@@ -293,11 +308,16 @@ def test_forms_left_to_pydantic_are_declined_even_when_valid() -> None:
     assert check(raw) is None
 
 
-def test_a_record_over_the_decoder_limit_is_declined() -> None:
+@pytest.mark.parametrize("kind", ["python", "native"])
+def test_a_record_over_the_decoder_limit_is_declined(kind: str) -> None:
     raw = raw_sample(close_time_ms=NOW_MS - 1000)
-    small = JsonFastPath(max_bytes=len(raw) - 1, skew_ms=SKEW_MS)
+    if kind not in FASTS:
+        pytest.skip("the native fast path is not installed (tests/unit/test_native.py says why)")
+    make = JsonFastPath if kind == "python" else load_native
+    small, fits = (make(max_bytes=n, skew_ms=SKEW_MS) for n in (len(raw) - 1, len(raw)))
+    assert small is not None and fits is not None
     assert small(raw, NOW_MS) is None
-    assert JsonFastPath(max_bytes=len(raw), skew_ms=SKEW_MS)(raw, NOW_MS) is not None
+    assert fits(raw, NOW_MS) is not None
 
 
 # -- properties ------------------------------------------------------------------------------
