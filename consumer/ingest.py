@@ -19,10 +19,10 @@ from consumer.config import Settings
 from consumer.decode import Decoder, JsonDecoder, RegistryUnavailable, make_decoder
 from consumer.delayed import DelayedConsumer, now_ms
 from consumer.errors import DecodeError, InputError, InvalidRecord
-from consumer.fastpath import JsonFastPath
 from consumer.health import Health
 from consumer.log import get_logger
 from consumer.metrics import Metrics
+from consumer.native import FastPath, choose_fast_path
 from consumer.records import encode_trace
 from consumer.stage import LoopStage, Output, Pipeline
 from consumer.topics import delay_topic, ingest_dlq_topic
@@ -66,10 +66,13 @@ class IngestStage(LoopStage):
         self.decoder = decoder if decoder is not None else make_decoder(settings.input)
         # Exactly JsonDecoder: a subclass may parse differently, and the fast path must agree
         # with the decoder it stands in for. Public so that benchmarks can switch it off.
-        self.fast_path: JsonFastPath | None = None
+        self.fast_path: FastPath | None = None
+        self.fast_path_name = "off"
         if type(self.decoder) is JsonDecoder:
-            self.fast_path = JsonFastPath(
-                max_bytes=self.decoder.max_bytes, skew_ms=_ms(settings.delay.max_clock_skew)
+            self.fast_path_name, self.fast_path = choose_fast_path(
+                settings.input.fast_path,
+                max_bytes=self.decoder.max_bytes,
+                skew_ms=_ms(settings.delay.max_clock_skew),
             )
         self.batch_size = batch_size
         self.window_ms = _ms(settings.delay.window)
@@ -80,7 +83,11 @@ class IngestStage(LoopStage):
         metrics.init_stage(self.name, [self.delay_topic, self.dlq_topic], reasons)
 
     def _started(self) -> dict[str, Any]:
-        return {"topic": self.topic, "format": self.settings.input.format}
+        return {
+            "topic": self.topic,
+            "format": self.settings.input.format,
+            "fast_path": self.fast_path_name,
+        }
 
     def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
         self.metrics.records_in.labels(self.name).inc(len(messages))

@@ -14,8 +14,12 @@ from typing import Any
 import pytest
 
 from consumer import native
+from consumer.config import load_settings
 from consumer.errors import ConfigError
 from consumer.fastpath import JsonFastPath
+from consumer.health import Health
+from consumer.ingest import IngestStage
+from consumer.metrics import Metrics
 from consumer.samples import sample_trade, to_json
 
 #: make test sets this from NATIVE (default 1): a missing module is then a failure, not a skip.
@@ -103,3 +107,15 @@ def test_the_native_module_refuses_limits_it_cannot_hold_exactly(
             scale=scale,
             currencies={"USD"},
         )
+
+
+@pytest.mark.parametrize("choice", ["off", "python", "auto"])
+def test_ingest_runs_the_fast_path_its_setting_names(choice: str) -> None:
+    settings = load_settings(None, metrics={"port": 0}, input={"fast_path": choice})
+    stage = IngestStage(settings, Metrics(), Health())
+    expected = {"off": "off", "python": "python", "auto": "native"}[choice]
+    if expected == "native":
+        native_module()
+    assert stage.fast_path_name == expected
+    assert stage._started()["fast_path"] == expected
+    assert (stage.fast_path is None) == (choice == "off")
