@@ -18,7 +18,7 @@ removing pip from the system Python) changes the system and is not executed. The
 entrypoint is started with the final stage's environment from another directory: `--version`,
 `topics create --dry-run` on a sample configuration, and both Avro schemas loaded from
 AUTO_TRACE_SCHEMAS_DIR, with a check that the package came from the virtualenv, not the
-checkout.
+checkout, and that the native fast path is in it.
 
     python3 tools/check_dockerfile.py [--install] [--keep DIR]
 """
@@ -246,9 +246,11 @@ adapters:
 SMOKE = """\
 import consumer, pathlib, sys
 from consumer.records import load_schema, schemas_dir
+from consumer.native import load_native
 for name in ("trade_closed.avsc", "trace_record.avsc"):
     load_schema(name)
 assert "site-packages" in consumer.__file__, consumer.__file__
+assert load_native(max_bytes=4096, skew_ms=0) is not None, "no native fast path in the image"
 print("package", pathlib.Path(consumer.__file__).parent, "schemas", schemas_dir())
 """
 
