@@ -28,6 +28,21 @@ log = get_logger("delayed")
 TP = tuple[str, int]
 DueOf = Callable[[Message], int]
 
+
+class Run(NamedTuple):
+    """Consecutive records of one partition, as :meth:`DelayedConsumer.poll_runs` hands them out.
+
+    A stage's per-record work then looks a record's partition up once per run, not per record
+    (two C calls and a tuple each), and keeps one acknowledgement counter per run
+    (:class:`consumer.stage.Pipeline`).
+    """
+
+    tp: TP
+    messages: list[Message]
+    #: Each record's due time (epoch ms), for a delayed topic; None for a topic read at once.
+    dues: list[int] | None
+
+
 #: How long a resumed partition still counts as held for metrics if none of its records is
 #: handed out (a fetcher that does not wake up must not hide overdue records for long).
 RESUME_GRACE_MS = 2000
@@ -65,12 +80,16 @@ class DelayedConsumer:
 
     ``due_of(msg)`` gives a record's due time in epoch ms (0: due at once). ``clock`` returns
     epoch ms and is injectable so unit tests need no waiting.
+
+    ``due_of=None``: a topic whose records are all due at once (ingest's input). Such a consumer
+    looks at no record's due time and takes no lock per record; it can still hold a partition
+    (:meth:`hold`, :meth:`rewind`) and be throttled.
     """
 
     def __init__(
         self,
         consumer: Consumer,
-        due_of: DueOf,
+        due_of: DueOf | None,
         *,
         max_poll_s: float = 1.0,
         clock: Callable[[], int] = now_ms,
@@ -92,11 +111,15 @@ class DelayedConsumer:
         self._user_revoke = on_revoke
         #: Partitions paused by the application (back-pressure), not by due times.
         self._throttled = False
+        #: Records of one partition of several topics can follow each other in a batch: runs
+        #: must then tell topics apart too.
+        self._topics = 0
         self.rebalances = 0
 
     # -- subscription and rebalance ---------------------------------------------------------
 
     def subscribe(self, topics: list[str]) -> None:
+        self._topics = len(topics)
         self.consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
@@ -176,6 +199,8 @@ class DelayedConsumer:
             return min((h.until_ms for h in self._held.values()), default=None)
 
     def _resume_due(self, now: int) -> None:
+        if not self._held:
+            return
         if self._throttled:
             # Held partitions stay held (and paused) until back-pressure lifts: resuming one
             # must seek it back to its head, and only this path does.
@@ -291,13 +316,20 @@ class DelayedConsumer:
         return max(0.0, min(self._max_poll_s, (next_due - now) / 1000.0))
 
     def poll_due(self, max_records: int = 500, timeout: float | None = None) -> list[Message]:
-        """Due records in partition order; errors other than partition EOF are raised.
+        """Due records in partition order; errors other than partition EOF are raised."""
+        runs = self.poll_runs(max_records, timeout)
+        if len(runs) == 1:
+            return runs[0].messages
+        return [msg for run in runs for msg in run.messages]
 
-        Records are taken from librdkafka's queue :data:`CONSUME_CHUNK` at a time: once a
-        partition is held, pausing it drops the rest of it from the queue inside librdkafka
-        (verified), so the records fetched behind a head that is not due never become Python
-        objects. In make bench R3 each resume refetches a partition's whole waiting window, and
-        taking 1,000 at a time built ~28 messages for every one released.
+    def poll_runs(self, max_records: int = 500, timeout: float | None = None) -> list[Run]:
+        """Due records as runs of one partition each; errors other than partition EOF are raised.
+
+        For a delayed topic, records are taken from librdkafka's queue :data:`CONSUME_CHUNK` at
+        a time: once a partition is held, pausing it drops the rest of it from the queue inside
+        librdkafka (verified), so the records fetched behind a head that is not due never become
+        Python objects. In make bench R3 each resume refetches a partition's whole waiting
+        window, and taking 1,000 at a time built ~28 messages for every one released.
         """
         now = self._clock()
         self._resume_due(now)
@@ -305,48 +337,99 @@ class DelayedConsumer:
             # Partitions assigned since throttling began must respect back-pressure too.
             self.consumer.pause([TopicPartition(t, p) for t, p in self.assigned])
         wait = self.poll_timeout(now) if timeout is None else min(timeout, self.poll_timeout(now))
+        if self._due_of is None:
+            return self._take(self._split(self._fetch(max_records, wait)))
         chunk = self._fetch(min(max_records, CONSUME_CHUNK), wait)
-        out: list[Message] = []
+        runs: list[Run] = []
         stopped: set[TP] = set()
-        taken: dict[TP, int] = {}
+        count = 0
         # Bounded even if every record of every chunk is skipped.
         budget = 2 * max_records
         while chunk:
             budget -= len(chunk)
-            self._examine(chunk, out, stopped, taken)
-            room = max_records - len(out)
+            count += self._examine(self._due_of, chunk, runs, stopped)
+            room = max_records - count
             if room <= 0 or budget <= 0:
                 break
             chunk = self.consumer.consume(min(room, CONSUME_CHUNK), 0)
-        if taken:
+        return self._take(runs)
+
+    def _take(self, runs: list[Run]) -> list[Run]:
+        """Note how far each partition was handed out (:meth:`snapshot`)."""
+        if runs:
             with self._lock:
-                self._taken.update((tp, o) for tp, o in taken.items() if tp in self._assigned)
-                for tp in taken:
-                    self._resumed.pop(tp, None)
-        return out
+                for run in runs:
+                    if run.tp in self._assigned:
+                        self._taken[run.tp] = (run.messages[-1].offset() or 0) + 1
+                    self._resumed.pop(run.tp, None)
+        return runs
+
+    def _error(self, msg: Message) -> None:
+        err = msg.error()
+        assert err is not None
+        if err.fatal():
+            raise KafkaException(err)
+        if err.code() != KafkaError._PARTITION_EOF:
+            # Transient or informational (a topic not created yet, a broker restarting):
+            # librdkafka recovers by itself, and the stage must keep turning.
+            log.warning(
+                "consumer error",
+                extra={"fields": {"code": err.name(), "retriable": err.retriable()}},
+            )
+
+    def _split(self, messages: list[Message]) -> list[Run]:
+        """A topic read at once: every record is handed out, in runs of one partition.
+
+        Per record only what cannot be skipped: its error and its partition (and its topic if
+        several are read). Holds and assignments are checked once per run: a partition held
+        (ingest backs one off while the Schema Registry is unreachable) or revoked has its
+        fetched records dropped inside librdkafka, so a run of it can only come from the same
+        batch as the hold.
+        """
+        runs: list[Run] = []
+        start = 0
+        part = -1
+        topic = ""
+        by_topic = self._topics > 1
+        for i, msg in enumerate(messages):
+            if msg.error() is not None:
+                if i > start:
+                    runs.append(Run((topic, part), messages[start:i], None))
+                self._error(msg)
+                start = i + 1
+                part = -1
+                continue
+            p = msg.partition()
+            if p != part or (by_topic and msg.topic() != topic):
+                if i > start:
+                    runs.append(Run((topic, part), messages[start:i], None))
+                start = i
+                part = p if p is not None else 0
+                topic = msg.topic() or ""
+        if start < len(messages):
+            runs.append(Run((topic, part), messages[start:] if start else messages, None))
+        if runs:
+            with self._lock:
+                if self._held or any(run.tp not in self._assigned for run in runs):
+                    # Raced with a rebalance or a hold: skip, the seek rewinds it.
+                    runs = [r for r in runs if r.tp in self._assigned and r.tp not in self._held]
+        return runs
 
     def _examine(
-        self, messages: list[Message], out: list[Message], stopped: set[TP], taken: dict[TP, int]
-    ) -> None:
+        self, due_of: DueOf, messages: list[Message], runs: list[Run], stopped: set[TP]
+    ) -> int:
         """Hand out the due records of ``messages``; hold each partition at its first one not due.
 
-        The clock is read again before holding: a record that became due while the records
-        before it were examined (or while the loop was busy) is handed out, not sent round a
-        pause, seek and refetch.
+        Appends them to ``runs`` (extending the last run if it is of the same partition) and
+        returns how many. The clock is read again before holding: a record that became due
+        while the records before it were examined (or while the loop was busy) is handed out,
+        not sent round a pause, seek and refetch.
         """
         now = self._clock()
+        count = 0
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                if err.code() != KafkaError._PARTITION_EOF:
-                    # Transient or informational (a topic not created yet, a broker restarting):
-                    # librdkafka recovers by itself, and the stage must keep turning.
-                    log.warning(
-                        "consumer error",
-                        extra={"fields": {"code": err.name(), "retriable": err.retriable()}},
-                    )
+            if msg.error() is not None:
+                self._error(msg)
                 continue
             tp = (msg.topic() or "", msg.partition() or 0)
             if tp in stopped:
@@ -357,7 +440,7 @@ class DelayedConsumer:
                     # Raced with a rebalance or a hold: skip, the seek rewinds it.
                     stopped.add(tp)
                     continue
-            due = self._due_of(msg)
+            due = due_of(msg)
             if due > now:
                 now = self._clock()
             if due > now:
@@ -366,8 +449,16 @@ class DelayedConsumer:
                 assert offset is not None
                 self.hold(tp[0], tp[1], offset, due)
                 continue
-            out.append(msg)
-            taken[tp] = (msg.offset() or 0) + 1
+            if runs and runs[-1].tp == tp:
+                run = runs[-1]
+            else:
+                run = Run(tp, [], [])
+                runs.append(run)
+            run.messages.append(msg)
+            assert run.dues is not None
+            run.dues.append(due)
+            count += 1
+        return count
 
     def _fetch(self, max_records: int, wait: float) -> list[Message]:
         """Up to ``max_records``, returning as soon as one is there.

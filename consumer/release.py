@@ -9,14 +9,16 @@ written by ingest.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from confluent_kafka import Message, Producer
+from prometheus_client import Histogram
 
 from consumer import headers as h
 from consumer.clients import make_release_producer
 from consumer.config import Settings
-from consumer.delayed import DelayedConsumer, now_ms
+from consumer.delayed import DelayedConsumer, Run, now_ms
 from consumer.errors import ConfigError
 from consumer.health import Health
 from consumer.log import get_logger
@@ -29,8 +31,74 @@ log = get_logger("release")
 
 def due_ms(msg: Message) -> int:
     """A record without a readable due header is released at once: it cannot be held forever,
-    and everything ingest writes has one."""
-    return h.get_int(msg.headers(), h.DUE_MS) or 0
+    and everything ingest writes has one.
+
+    Reads as :func:`consumer.headers.get_int` does (the last value wins; ``int()`` takes the
+    ASCII bytes as they are), in one frame: it runs for every record release examines.
+    """
+    headers = msg.headers()
+    if not headers:
+        return 0
+    found: str | bytes | None = None
+    for key, value in headers.items() if isinstance(headers, dict) else headers:
+        if key == _DUE_MS:
+            found = value
+    if not found:
+        return 0
+    try:
+        return int(found)
+    except ValueError:
+        return 0
+
+
+_DUE_MS = h.DUE_MS
+
+
+class Lateness:
+    """Observes a batch's lateness into one child of the lateness histogram at once.
+
+    The same buckets, count and sum as an ``observe()`` per record (the sum to float rounding:
+    it adds whole milliseconds, then divides once), for a fraction of the cost: ``observe()``
+    takes a lock twice and walks the bucket list in Python, 12% of release's CPU per record. It
+    reads prometheus_client's histogram internals; a version without them gets ``observe()``
+    per record (:attr:`bulk` is then False).
+    """
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        self.bulk = (
+            isinstance(bounds, list)
+            and isinstance(buckets, list)
+            and len(bounds) == len(buckets)
+            and all(hasattr(b, "inc") for b in [*buckets, total])
+        )
+        self._bounds: list[float] = list(bounds) if self.bulk else []  # type: ignore[arg-type]
+        self._buckets: list[Any] = buckets if self.bulk else []  # type: ignore[assignment]
+        self._sum: Any = total
+
+    def observe(self, now: int, dues: list[int]) -> None:
+        """Lateness ``now - due`` (ms, at least 0) of each record, in seconds."""
+        if not self.bulk:
+            for due in dues:
+                self._child.observe(max(0, now - due) / 1000.0)
+            return
+        bounds = self._bounds
+        counts = [0] * len(bounds)
+        total = 0
+        for due in dues:
+            late = now - due
+            if late < 0:
+                late = 0
+            # observe() counts a value in the first bucket whose bound is >= it.
+            counts[bisect_left(bounds, late / 1000.0)] += 1
+            total += late
+        self._sum.inc(total / 1000.0)
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
 
 
 class ReleaseStage(LoopStage):
@@ -48,6 +116,7 @@ class ReleaseStage(LoopStage):
             raise ConfigError("adapters: release needs at least one enabled adapter")
         self.topic = delay_topic(settings)
         self._held_gauge = metrics.held_partitions.labels(self.topic)
+        self._lateness = Lateness(metrics.lateness.labels(self.name, ""))
         metrics.init_stage(self.name, self.sinks)
         metrics.delay_window.set(settings.delay.window.total_seconds())
 
@@ -63,14 +132,30 @@ class ReleaseStage(LoopStage):
     def _make_producer(self) -> Producer:
         return make_release_producer(self.settings, **PIPELINE_PRODUCER_SETTINGS)
 
-    def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
-        self.metrics.records_in.labels(self.name).inc(len(messages))
+    def _handle(self, consumer: DelayedConsumer, out: Pipeline, runs: list[Run]) -> None:
+        """Per record only the copy: one ``produce()`` per sink topic, with the run of records
+        of its partition as the callback (:class:`~consumer.stage.InFlight`). Due times come
+        with the runs: the consumer read them to decide what is due."""
         now = now_ms()
-        lateness = self.metrics.lateness.labels(self.name, "")
-        send = out.send
-        for msg in messages:
-            key, value, headers = msg.key(), msg.value(), msg.headers()
-            send(msg, [(topic, value, key, headers) for topic in self.sinks])
-            lateness.observe(max(0, now - due_ms(msg)) / 1000.0)
+        sinks = self.sinks
+        produce = out.producer.produce
+        count = 0
+        for tp, messages, dues in runs:
+            run = out.open(tp)
+            for msg in messages:
+                key, value, headers = msg.key(), msg.value(), msg.headers()
+                for topic in sinks:
+                    try:
+                        produce(topic, value, key, headers=headers, on_delivery=run)
+                    except BufferError:
+                        out.produce(topic, value, key, headers, run)
+            n = len(messages)
+            first, last = messages[0].offset(), messages[-1].offset()
+            assert first is not None and last is not None
+            out.close(run, first, last, n, dict.fromkeys(sinks, n))
+            if dues is not None:
+                self._lateness.observe(now, dues)
+            count += n
+        self.metrics.records_in.labels(self.name).inc(count)
         # Served at once: acknowledgements that already arrived store their offsets now.
         out.settle()

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from consumer import headers as h
 from consumer.clients import make_consumer, make_producer
 from consumer.config import Settings
-from consumer.delayed import TP, DelayedConsumer
+from consumer.delayed import TP, DelayedConsumer, Run
 from consumer.health import Health
 from consumer.log import get_logger, set_stage
 from consumer.metrics import Metrics
@@ -37,23 +37,48 @@ PIPELINE_PRODUCER_SETTINGS: dict[str, Any] = {"delivery.report.only.error": Fals
 Output = tuple[str, bytes | None, bytes | str | None, h.RawHeaders]
 
 
-class _Record:
-    """An input record whose outputs are in flight; it is its outputs' delivery callback."""
+#: :attr:`InFlight.sent` of a run not closed yet: more than it can ever have acknowledged.
+_OPEN = 1 << 62
 
-    __slots__ = ("error", "failures", "live", "offset", "topics", "tp", "waiting")
 
-    def __init__(self, tp: TP, offset: int, topics: list[str], failures: list[_Record]) -> None:
+class InFlight:
+    """Consecutive records of one input partition, produced together: their outputs in flight.
+
+    It is the delivery callback of every one of those outputs, so a batch costs one object and
+    one counter per partition rather than per record. Complete once every output is
+    acknowledged; if one fails, the partition is rewound to the first record of the run (the
+    records before the failed one are processed again too: duplicates, never loss).
+    """
+
+    __slots__ = (
+        "acked",
+        "error",
+        "failures",
+        "first",
+        "last",
+        "live",
+        "outputs",
+        "records",
+        "sent",
+        "tp",
+    )
+
+    def __init__(self, tp: TP, failures: list[InFlight]) -> None:
         self.tp = tp
-        self.offset = offset
-        self.topics = topics
-        self.waiting = len(topics)
+        self.failures = failures
+        self.acked = 0
+        #: Outputs produced; unknown (never complete) until :meth:`Pipeline.close`.
+        self.sent = _OPEN
+        self.records = 0
+        self.first = self.last = -1
+        #: Outputs per topic, for the records_out metric once acknowledged.
+        self.outputs: dict[str, int] = {}
         #: False once forgotten (rewound past or revoked): its late reports count for nothing.
         self.live = True
         self.error: KafkaError | None = None
-        self.failures = failures
 
     def __call__(self, err: KafkaError | None, _msg: Message) -> None:
-        self.waiting -= 1
+        self.acked += 1
         if err is not None and self.error is None:
             self.error = err
             self.failures.append(self)
@@ -63,13 +88,14 @@ class Pipeline:
     """Produces each record's outputs without waiting; :meth:`settle` stores offsets as they
     are acknowledged.
 
-    Per input partition, records wait in a queue in offset order. An offset is stored only
-    when that record and every record before it in its partition have every output
-    acknowledged, so a stored offset never passes an unacknowledged record. If an output
-    fails, the partition is rewound to that record (through :meth:`DelayedConsumer.rewind`,
-    which also drops a hold beyond it) and every later record of it in flight is forgotten:
-    those are produced again after the rewind, and their late acknowledgements count for
-    nothing.
+    Records are produced in runs (:meth:`open` an :class:`InFlight`, give it as every output's
+    ``on_delivery``, :meth:`close` it), or one at a time with :meth:`send`. Per input partition,
+    runs wait in a queue in offset order. An offset is stored only when that record and every
+    record before it in its partition have every output acknowledged, so a stored offset never
+    passes an unacknowledged record. If an output fails, the partition is rewound to the first
+    record of its run (through :meth:`DelayedConsumer.rewind`, which also drops a hold beyond
+    it) and every later run of it in flight is forgotten: those are produced again after the
+    rewind, and their late acknowledgements count for nothing.
 
     Acknowledgements are only looked at in :meth:`settle` (before each poll) and
     :meth:`drain`, never in the middle of a batch: a rewind in the middle of a batch would let
@@ -98,8 +124,8 @@ class Pipeline:
         self._stage = stage
         self._consumer = consumer
         self._ack_timeout = ack_timeout
-        self._queues: dict[TP, deque[_Record]] = {}
-        self._failures: list[_Record] = []
+        self._queues: dict[TP, deque[InFlight]] = {}
+        self._failures: list[InFlight] = []
         self._pending = 0
         #: Outputs acknowledged per topic, not yet added to the metric (reused).
         self._acked: dict[str, int] = {}
@@ -109,38 +135,57 @@ class Pipeline:
         """Input records with an output not acknowledged yet."""
         return self._pending
 
-    def _produce(
+    def produce(
         self,
         topic: str,
         value: bytes | None,
         key: bytes | str | None,
         headers: h.RawHeaders,
-        on_delivery: _Record,
+        run: InFlight,
     ) -> None:
+        """Produce one output of ``run``, waiting for room in a full local queue.
+
+        A hot loop may call ``producer.produce(..., on_delivery=run)`` itself and come here
+        only on ``BufferError``.
+        """
         while True:
             try:
-                self.producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
-                )
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=run)
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then try again.
                 self.producer.poll(0.1)
             else:
                 return
 
+    def open(self, tp: TP) -> InFlight:
+        """A run of records of ``tp``. Runs of a partition are closed in offset order."""
+        return InFlight(tp, self._failures)
+
+    def close(
+        self, run: InFlight, first: int, last: int, records: int, outputs: dict[str, int]
+    ) -> None:
+        """Records ``first``..``last`` (``records`` of them) were produced, ``outputs`` per
+        topic: their offsets are stored once every output is acknowledged."""
+        if not records:
+            return
+        run.first, run.last, run.records, run.outputs = first, last, records, outputs
+        run.sent = sum(outputs.values())
+        queue = self._queues.get(run.tp)
+        if queue is None:
+            queue = self._queues[run.tp] = deque()
+        queue.append(run)
+        self._pending += records
+
     def send(self, record: Message, outputs: Sequence[Output]) -> None:
         """Produce every output of ``record``; its offset is stored once all are acknowledged."""
         offset = record.offset()
         assert offset is not None
-        tp = (record.topic() or "", record.partition() or 0)
-        entry = _Record(tp, offset, [o[0] for o in outputs], self._failures)
-        queue = self._queues.get(tp)
-        if queue is None:
-            queue = self._queues[tp] = deque()
-        queue.append(entry)
-        self._pending += 1
+        run = self.open((record.topic() or "", record.partition() or 0))
+        counts: dict[str, int] = {}
         for topic, value, key, headers in outputs:
-            self._produce(topic, value, key, headers, entry)
+            self.produce(topic, value, key, headers, run)
+            counts[topic] = counts.get(topic, 0) + 1
+        self.close(run, offset, offset, 1, counts)
 
     def settle(self) -> None:
         """Serve acknowledgements, store the offsets they complete, rewind what failed.
@@ -166,12 +211,12 @@ class Pipeline:
         acked = self._acked
         for tp, queue in self._queues.items():
             last = -1
-            while queue and queue[0].waiting <= 0 and queue[0].error is None:
-                entry = queue.popleft()
-                last = entry.offset
-                self._pending -= 1
-                for topic in entry.topics:
-                    acked[topic] = acked.get(topic, 0) + 1
+            while queue and queue[0].acked >= queue[0].sent and queue[0].error is None:
+                run = queue.popleft()
+                last = run.last
+                self._pending -= run.records
+                for topic, count in run.outputs.items():
+                    acked[topic] = acked.get(topic, 0) + count
             if last >= 0:
                 store.append(TopicPartition(tp[0], tp[1], last + 1))
         if store:
@@ -182,18 +227,19 @@ class Pipeline:
             acked.clear()
 
     def _rewind_failed(self) -> None:
-        """Per partition, forget the first failed record and everything after it, and rewind."""
-        first: dict[TP, _Record] = {}
-        for entry in self._failures:
-            if entry.live and (entry.tp not in first or entry.offset < first[entry.tp].offset):
-                first[entry.tp] = entry
-        codes = sorted({e.error.name() for e in self._failures if e.error is not None})
+        """Per partition, forget the first failed run and everything after it, and rewind."""
+        first: dict[TP, InFlight] = {}
+        for run in self._failures:
+            if run.live and (run.tp not in first or run.first < first[run.tp].first):
+                first[run.tp] = run
+        codes = sorted({r.error.name() for r in self._failures if r.error is not None})
         self._failures.clear()
         for tp, entry in first.items():
             queue = self._queues[tp]
-            while queue and queue[-1].offset >= entry.offset:
-                queue.pop().live = False
-                self._pending -= 1
+            while queue and queue[-1].first >= entry.first:
+                gone = queue.pop()
+                gone.live = False
+                self._pending -= gone.records
             self._metrics.produce_errors.labels(self._stage).inc()
             log.warning(
                 "outputs not acknowledged; rewinding",
@@ -202,12 +248,12 @@ class Pipeline:
                         "stage": self._stage,
                         "topic": tp[0],
                         "partition": tp[1],
-                        "offset": entry.offset,
+                        "offset": entry.first,
                         "errors": codes,
                     }
                 },
             )
-            self._consumer.rewind(tp[0], tp[1], entry.offset)
+            self._consumer.rewind(tp[0], tp[1], entry.first)
 
     def _store(self, offsets: list[TopicPartition]) -> None:
         assigned = self._consumer.assigned
@@ -230,9 +276,9 @@ class Pipeline:
             self.producer.poll(0)
             self._settle()
         for tp in gone:
-            for entry in self._queues.pop(tp, ()):
-                entry.live = False
-                self._pending -= 1
+            for run in self._queues.pop(tp, ()):
+                run.live = False
+                self._pending -= run.records
 
     def drain(self, timeout: float) -> None:
         self.producer.flush(timeout)
@@ -248,8 +294,9 @@ class LoopStage:
     """A batch stage (ingest, release): poll due records, handle them, until ``stop`` is set.
 
     Subclasses say which group and topic they read (:attr:`group`, :attr:`topic`), how due
-    times are read (:meth:`due_of`), how outputs are acknowledged (:meth:`_output`) and what a
-    batch becomes (:meth:`_handle`).
+    times are read (:meth:`due_of`, only if :attr:`delayed`), how outputs are acknowledged
+    (:meth:`_output`) and what a batch becomes (:meth:`_handle`, given runs of records of one
+    partition each).
     """
 
     name = "stage"
@@ -286,7 +333,7 @@ class LoopStage:
         """What ``_handle`` produces through; it also decides when offsets are stored."""
         return Pipeline(producer, self.metrics, self.name, consumer)
 
-    def _handle(self, consumer: DelayedConsumer, out: Pipeline, messages: list[Message]) -> None:
+    def _handle(self, consumer: DelayedConsumer, out: Pipeline, runs: list[Run]) -> None:
         raise NotImplementedError
 
     def _on_rebalance(self, _partitions: Any) -> None:
@@ -302,7 +349,8 @@ class LoopStage:
         set_stage(self.name)
         consumer = DelayedConsumer(
             make_consumer(self.settings, self.group, delayed=self.delayed),
-            due_of=self.due_of,
+            # Records of a topic that is not delayed are all due: none is looked at for it.
+            due_of=self.due_of if self.delayed else None,
             max_poll_s=self.max_poll_s,
             on_assign=self._on_rebalance,
             on_revoke=self._on_revoke,
@@ -315,10 +363,10 @@ class LoopStage:
             while not stop.is_set():
                 self.health.beat(self.name)
                 out.settle()
-                messages = consumer.poll_due(self.batch_size, timeout=out.poll_cap())
+                runs = consumer.poll_runs(self.batch_size, timeout=out.poll_cap())
                 self._turned(consumer)
-                if messages:
-                    self._handle(consumer, out, messages)
+                if runs:
+                    self._handle(consumer, out, runs)
         finally:
             self.metrics.unwatch_consumer(self.name)
             out.drain(10)

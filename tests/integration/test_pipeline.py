@@ -22,7 +22,7 @@ from confluent_kafka.cimpl import NewTopic
 from consumer.clients import make_consumer, make_producer
 from consumer.delayed import DelayedConsumer
 from consumer.metrics import Metrics
-from consumer.stage import PIPELINE_PRODUCER_SETTINGS, Pipeline
+from consumer.stage import PIPELINE_PRODUCER_SETTINGS, Output, Pipeline
 from tests.support import make_settings, produce
 
 pytestmark = pytest.mark.integration
@@ -82,6 +82,18 @@ class Setup:
                 raise
         tp = self.consumer.consumer.committed([TopicPartition(self.source, 0)], timeout=10)[0]
         return int(tp.offset)
+
+    def send_run(self, records: list[Message], outputs: Callable[[Message], list[Output]]) -> None:
+        """Produce ``records`` as one run, the way ingest and release do."""
+        run = self.pipe.open((self.source, 0))
+        counts: dict[str, int] = {}
+        for msg in records:
+            for topic, value, key, headers in outputs(msg):
+                self.pipe.produce(topic, value, key, headers, run)
+                counts[topic] = counts.get(topic, 0) + 1
+        first, last = records[0].offset(), records[-1].offset()
+        assert first is not None and last is not None
+        self.pipe.close(run, first, last, len(records), counts)
 
     def settle_until(self, condition: Callable[[], bool], what: str) -> None:
         def step() -> None:
@@ -177,3 +189,65 @@ def test_a_revoked_partition_keeps_what_was_acknowledged_before_it_went(
         assert tp.offset == 10
     finally:
         reader.close()
+
+
+def test_a_run_is_stored_only_once_every_output_of_it_is_acknowledged(
+    bootstrap_servers: str, make_topic: Callable[..., str]
+) -> None:
+    source, out = make_topic(1), make_topic(1)
+    missing = f"test.late.{uuid.uuid4().hex[:12]}"  # created only later in the test
+    _records(bootstrap_servers, source, 10)
+    s = Setup(bootstrap_servers, source)
+    try:
+        records = s.poll(10)
+        s.send_run(records[:4], lambda m: [(out, m.value(), None, None)])
+        s.send_run(
+            records[4:],
+            lambda m: [(missing if m.offset() == 6 else out, m.value(), None, None)],
+        )
+        # The first run is stored; the second waits for record 6's output, as do 4 and 5.
+        s.settle_until(lambda: s.pipe.pending == 6, "the first run")
+        s.settle_until(lambda: len(s.pipe.producer) == 1, "all but one acknowledgement")
+        s.pipe.settle()
+        assert s.pipe.pending == 6
+        assert s.committed() == 4
+
+        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        admin.create_topics([NewTopic(missing, 1, -1)])[missing].result(timeout=30)
+        try:
+            s.settle_until(lambda: s.pipe.pending == 0, "the late acknowledgement")
+            assert s.committed() == 10
+            assert s.metrics.records_out.labels("test", out)._value.get() == 9
+            assert s.metrics.records_out.labels("test", missing)._value.get() == 1
+        finally:
+            admin.delete_topics([missing])
+    finally:
+        s.consumer.close()
+
+
+def test_a_failed_output_rewinds_its_partition_to_the_first_record_of_its_run(
+    bootstrap_servers: str, make_topic: Callable[..., str]
+) -> None:
+    source, out = make_topic(1), make_topic(1)
+    small = make_topic(1, config={"max.message.bytes": "1024"})
+    _records(bootstrap_servers, source, 8)
+    s = Setup(bootstrap_servers, source)
+    try:
+        records = s.poll(8)
+
+        def outputs(msg: Message) -> list[Output]:
+            if msg.offset() == 5:
+                # Random bytes do not compress: the broker rejects the record for ``small``.
+                return [(out, msg.value(), None, None), (small, os.urandom(4096), None, None)]
+            return [(out, msg.value(), None, None)]
+
+        s.send_run(records[:4], outputs)
+        s.send_run(records[4:], outputs)
+        s.settle_until(lambda: s.pipe.pending == 0, "every acknowledgement or failure")
+        assert s.metrics.produce_errors.labels("test")._value.get() == 1
+        assert s.committed() == 4  # the first run stored; none of the failed one
+        # 4 (acknowledged, but in the failed run) comes again with the rest of it.
+        assert [m.offset() for m in s.poll(4)] == [4, 5, 6, 7]
+        assert s.metrics.records_out.labels("test", out)._value.get() == 4
+    finally:
+        s.consumer.close()

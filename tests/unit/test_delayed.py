@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumer.delayed import SEEK_RETRY_MS, DelayedConsumer
@@ -95,12 +96,34 @@ class FakeConsumer:
         return 0, 0
 
 
-def _setup(dues: dict[int, list[int]], now: list[int]) -> tuple[DelayedConsumer, FakeConsumer]:
+@dataclass
+class FakeErrorMessage:
+    """What librdkafka hands out for a consumer error: no partition of its own."""
+
+    err: KafkaError
+
+    def topic(self) -> None:
+        return None
+
+    def partition(self) -> None:
+        return None
+
+    def offset(self) -> None:
+        return None
+
+    def error(self) -> KafkaError:
+        return self.err
+
+
+def _setup(
+    dues: dict[int, list[int]], now: list[int], *, delayed_topic: bool = True
+) -> tuple[DelayedConsumer, FakeConsumer]:
     log = {
         ("t", p): [FakeMessage("t", p, i, d) for i, d in enumerate(ds)] for p, ds in dues.items()
     }
     fake = FakeConsumer(log)
-    delayed = DelayedConsumer(fake, due_of=lambda m: m.due, clock=lambda: now[0], max_poll_s=1.0)  # type: ignore[arg-type]
+    due_of = (lambda m: m.due) if delayed_topic else None
+    delayed = DelayedConsumer(fake, due_of=due_of, clock=lambda: now[0], max_poll_s=1.0)  # type: ignore[arg-type]
     delayed.subscribe(["t"])
     fake.assign_all()
     return delayed, fake
@@ -223,3 +246,57 @@ def test_a_failed_seek_back_holds_the_partition_again_instead_of_resuming_it_uns
     failing[0] = False
     now[0] = 1500 + SEEK_RETRY_MS
     assert [m.offset() for m in delayed.poll_due(10)] == [1]
+
+
+def test_a_topic_read_at_once_hands_out_every_record_in_runs_of_one_partition() -> None:
+    now = [1000]
+    # Due times far ahead: a consumer without due_of never looks at them.
+    delayed, fake = _setup({0: [9000, 9000, 9000], 1: [9000, 9000]}, now, delayed_topic=False)
+    runs = delayed.poll_runs(10)
+    assert [(r.tp, [m.offset() for m in r.messages], r.dues) for r in runs] == [
+        (("t", 0), [0, 1, 2], None),
+        (("t", 1), [0, 1], None),
+    ]
+    assert delayed.held() == {} and fake.paused == set()
+    assert delayed.snapshot()[("t", 0)].taken == 3
+    assert delayed.snapshot()[("t", 1)].taken == 2
+
+
+def test_a_delayed_topic_gives_runs_with_each_records_due_time() -> None:
+    now = [1000]
+    delayed, _ = _setup({0: [900, 950, 1500], 1: [800]}, now)
+    runs = delayed.poll_runs(10)
+    assert [(r.tp, [m.offset() for m in r.messages], r.dues) for r in runs] == [
+        (("t", 0), [0, 1], [900, 950]),
+        (("t", 1), [0], [800]),
+    ]
+
+
+def test_a_consumer_error_splits_a_run_and_a_fatal_one_is_raised() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [0, 0, 0, 0]}, now, delayed_topic=False)
+    log = fake.log[("t", 0)]
+    transient = FakeErrorMessage(KafkaError(KafkaError._TRANSPORT))
+    fake.log[("t", 0)] = [log[0], log[1], transient, log[2], log[3]]  # type: ignore[list-item]
+    runs = delayed.poll_runs(10)
+    assert [[m.offset() for m in r.messages] for r in runs] == [[0, 1], [2, 3]]
+    fatal = FakeErrorMessage(KafkaError(KafkaError._FATAL, fatal=True))
+    fake.log[("t", 1)] = [fatal]  # type: ignore[list-item]
+    with pytest.raises(KafkaException):
+        delayed.poll_runs(10)
+
+
+def test_a_topic_read_at_once_can_still_hold_and_rewind_a_partition() -> None:
+    now = [1000]
+    delayed, fake = _setup({0: [0, 0, 0], 1: [0, 0]}, now, delayed_topic=False)
+    assert len(delayed.poll_runs(10)) == 2
+    delayed.hold("t", 0, 1, 3000)  # e.g. ingest backing off while the registry is down
+    delayed.rewind("t", 1, 0)
+    assert [(r.tp, [m.offset() for m in r.messages]) for r in delayed.poll_runs(10)] == [
+        (("t", 1), [0, 1]),
+    ]
+    assert ("t", 0) in fake.paused
+    now[0] = 3000
+    assert [(r.tp, [m.offset() for m in r.messages]) for r in delayed.poll_runs(10)] == [
+        (("t", 0), [1, 2]),
+    ]
