@@ -24,6 +24,9 @@ NATIVE ?= 1
 # The tests fail (not skip) without the native module unless NATIVE=0 said it is left out.
 export AUTO_TRACE_REQUIRE_NATIVE := $(NATIVE)
 NATIVE_STAMP := $(VENV)/.native
+# Compiled crates live with the other downloads, outside the checkout: the wheel build, clippy
+# and the image check (tools/check_dockerfile.py) reuse them, and so does the next clone.
+export CARGO_TARGET_DIR ?= $(or $(AUTO_TRACE_CACHE_DIR),$(HOME)/.cache/auto-trace)/cargo-target
 NATIVE_SRC := native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
 
 $(NATIVE_STAMP): $(NATIVE_SRC) | $(STAMP)
