@@ -230,6 +230,17 @@ def _passthrough(ctx: Ctx, cfg_path: Path, source: str, count: int, run: int) ->
     return rate
 
 
+def _fast_path(proc: Proc) -> str:
+    """Which fast path an ingest process ran, from its ``ingest started`` log line."""
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if '"ingest started"' in line:
+            try:
+                return str(json.loads(line).get("fast_path", "?"))
+            except ValueError:
+                break
+    return "?"
+
+
 def r1(ctx: Ctx) -> None:
     """Passthrough, ingest, passthrough again: the mean of the two copies is the baseline, so
     a drift in the machine's load during the run shows up on both sides."""
@@ -274,7 +285,7 @@ def r1(ctx: Ctx) -> None:
                 f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}), passthrough "
                 f"{_fmt(pass_rate)}/s (mean of {_fmt(first)} before and {_fmt(second)} after); "
                 f"{count:,} trade.closed JSON records, mean {size:.0f} B, {PARTITIONS} "
-                "partitions, one process each"
+                f"partitions, one process each; ingest fast path: {_fast_path(ingest)}"
             ),
         )
     )
@@ -303,7 +314,7 @@ def r1b(ctx: Ctx) -> None:
             inputs=(
                 f"{_fmt(rate)}/s into the sink topic (window 0, 1 adapter; cpu ingest "
                 f"{_pct(cpu_i)}, release {_pct(cpu_r)}); same {count:,} records as R1, one "
-                "process per stage"
+                f"process per stage; ingest fast path: {_fast_path(ingest)}"
             ),
         )
     )
