@@ -34,6 +34,7 @@ from consumer.adapters.base import BatchAdapter
 from consumer.circuit import STATE_VALUE, CircuitBreaker
 from consumer.clients import make_consumer, make_producer
 from consumer.config import AdapterSettings, Settings
+from consumer.deadline import Deadlines
 from consumer.delayed import TP, DelayedConsumer, now_ms
 from consumer.errors import DeliveryError, RetriableDeliveryError
 from consumer.health import Health
@@ -181,7 +182,9 @@ class SinkWorker:
         #: ``concurrency`` long-lived workers (or, for a batch adapter, one task per record).
         self._workers: set[asyncio.Task[None]] = set()
         self._in_flight = 0
-        self._limit = adapter_settings.timeout.total_seconds() * 2 + 1
+        #: Bounds a hung adapter (twice its timeout); not batch adapters, whose records wait
+        #: for their batch to fill.
+        self._deadlines = Deadlines(adapter_settings.timeout.total_seconds() * 2 + 1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: DelayedConsumer | None = None
         self._producer: Producer | None = None
@@ -541,12 +544,11 @@ class SinkWorker:
             # wait for records that cannot come while the circuit pauses the partitions.
             probe = await breaker.admit() if appended is None and not breaker.closed else False
             if appended is not None:
-                error = await self._attempt(delivery, appended, None)
+                error = await self._attempt(delivery, appended, bounded=False)
                 appended = None
-            elif self._batching:
-                error = await self._attempt(delivery, self.adapter.deliver(delivery), None)
             else:
-                error = await self._attempt(delivery, self.adapter.deliver(delivery), self._limit)
+                call = self.adapter.deliver(delivery)
+                error = await self._attempt(delivery, call, bounded=not self._batching)
             if error is None:
                 if probe or not breaker.quiet:
                     await breaker.success(probe)
@@ -573,24 +575,19 @@ class SinkWorker:
         )
 
     async def _attempt(
-        self, delivery: Delivery, call: Awaitable[None], limit: float | None
+        self, delivery: Delivery, call: Awaitable[None], *, bounded: bool
     ) -> DeliveryError | None:
-        """Await one delivery call, classify its outcome, and count it.
-
-        ``limit`` bounds a hung adapter (twice its timeout); None for batch adapters, whose
-        records wait for their batch to fill.
-        """
+        """Await one delivery call, classify its outcome, and count it."""
         adapter = self.cfg.name
+        task = self._deadlines.start() if bounded else None
         started = time.perf_counter()
         try:
-            # asyncio.timeout, not wait_for: wait_for wraps the call in one more task.
-            async with asyncio.timeout(limit):
-                await call
+            await call
         except DeliveryError as exc:
             return exc
-        except TimeoutError:
-            return RetriableDeliveryError(f"adapter call exceeded {limit or 0:.0f}s")
         except asyncio.CancelledError:
+            if task is not None and self._deadlines.expired(task):
+                return RetriableDeliveryError(f"adapter call exceeded {self._deadlines.limit:.0f}s")
             raise
         except Exception as exc:  # noqa: BLE001 - an adapter bug must not lose the record
             log.error(  # noqa: TRY400 - the traceback could quote record values
@@ -599,6 +596,8 @@ class SinkWorker:
             )
             return RetriableDeliveryError(f"unclassified {type(exc).__name__}")
         finally:
+            if task is not None:
+                self._deadlines.end(task)
             self._m_adapter_call.observe(time.perf_counter() - started)
         now = now_ms()
         self._m_delivered.inc()

@@ -34,6 +34,7 @@ import yarl
 
 from consumer.adapters.base import Adapter, Delivery
 from consumer.config import SecretRef, WebhookAdapterSettings, format_duration
+from consumer.deadline import Deadlines
 from consumer.errors import ConfigError, FatalDeliveryError, RetriableDeliveryError
 from consumer.records import to_json_bytes
 
@@ -127,6 +128,7 @@ class WebhookAdapter(Adapter):
             )
         self._extra_headers = dict(settings.headers)
         self._timeout = settings.timeout.total_seconds()
+        self._deadlines = Deadlines(self._timeout)
         self._timeout_text = format_duration(settings.timeout)
         self._concurrency = settings.concurrency
         self._transport: Transport = transport
@@ -222,17 +224,23 @@ class WebhookAdapter(Adapter):
             "webhook-timestamp": str(timestamp),
             "webhook-signature": self.sign(msg_id, timestamp, body),
         }
+        # httpx's timeout is per phase (connect, each read, ...); this bounds the whole call,
+        # so a receiver trickling bytes cannot hold a worker slot forever.
+        task = self._deadlines.start()
         try:
-            # httpx's timeout is per phase (connect, each read, ...); this bounds the whole
-            # call, so a receiver trickling bytes cannot hold a worker slot forever.
-            async with asyncio.timeout(self._timeout):
-                if self._session is not None:
-                    status, retry_after = await self._post_aiohttp(self._session, body, headers)
-                else:
-                    assert self._client is not None
-                    status, retry_after = await self._post(self._client, body, headers)
+            if self._session is not None:
+                status, retry_after = await self._post_aiohttp(self._session, body, headers)
+            else:
+                assert self._client is not None
+                status, retry_after = await self._post(self._client, body, headers)
+        except asyncio.CancelledError:
+            if self._deadlines.expired(task):
+                raise RetriableDeliveryError(f"timeout after {self._timeout_text}") from None
+            raise
         except (TimeoutError, httpx.RequestError, aiohttp.ClientError) as exc:
             raise self._transport_failure(exc) from exc
+        finally:
+            self._deadlines.end(task)
         if 200 <= status < 300:
             return
         message = f"HTTP {status} from webhook"

@@ -3,6 +3,7 @@ T+X release, per-adapter sink workers, tiered retries and the DLQ."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -21,6 +22,7 @@ import yaml
 from standardwebhooks import Webhook
 
 from consumer import headers as h
+from consumer.adapters.base import Adapter, Delivery
 from consumer.health import Health
 from consumer.ingest import IngestStage
 from consumer.metrics import Metrics
@@ -225,6 +227,47 @@ def test_a_fatal_failure_goes_straight_to_the_dlq(bootstrap_servers: str) -> Non
     assert header(dead, h.ATTEMPTS) == "1"
     assert header(dead, h.ERROR_CLASS) == "FatalDeliveryError"
     assert retried == [0] * len(retried)
+
+
+class _HangsOnFirstAttempt(Adapter):
+    """An adapter bug: the first attempt of each record never returns."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.delivered: list[str] = []
+
+    async def deliver(self, delivery: Delivery) -> None:
+        if delivery.attempt == 1:
+            await asyncio.get_running_loop().create_future()
+        self.delivered.append(delivery.record["trade_id"])
+
+
+def test_a_hung_adapter_call_is_bounded_and_the_record_is_retried(bootstrap_servers: str) -> None:
+    settings = make_settings(
+        bootstrap_servers,
+        adapters=[webhook("hook", "http://127.0.0.1:9/", timeout="100ms", concurrency=4)],
+        retry={"tiers": ["200ms"]},
+    )
+    create_topics(settings)
+    trades = _trades(6, seed=43)
+    produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+    adapter = _HangsOnFirstAttempt("hook")
+    metrics, health = Metrics(), Health()
+    stages = [
+        IngestStage(settings, metrics, health),
+        ReleaseStage(settings, metrics, health),
+        SinkWorker(settings, settings.adapters[0], metrics, health, adapter=adapter),
+    ]
+    retry = retry_topics(settings, "hook")[0]
+    with running(*stages), reader(bootstrap_servers, retry) as retried:
+        # Twice the adapter's timeout plus a second, then the next periodic check.
+        moved = retried.read(len(trades), timeout=30)
+        deadline = time.monotonic() + 30
+        while len(set(adapter.delivered)) < len(trades) and time.monotonic() < deadline:
+            health.wait_changed(0.05)
+    assert sorted(adapter.delivered) == sorted(t["trade_id"] for t in trades)
+    assert {header(m, h.ERROR_MESSAGE) for m in moved} == {"adapter call exceeded 1s"}
+    assert metrics.deliveries.labels("hook", "delivered")._value.get() == len(trades)
 
 
 class _Capture(logging.Handler):
