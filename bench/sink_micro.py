@@ -4,9 +4,10 @@ R4 says how far the sink worker is from a raw HTTP client, not where the differe
 runs the real :class:`~consumer.sink.SinkWorker` on the local broker twice over the same
 pre-loaded records: once with an adapter that does nothing (what is left is the engine and the
 Kafka client: consume, decode, schedule, store offsets) and once with the webhook adapter
-against :mod:`bench.server` (the whole path). Each line is CPU time of this process per record
-and the wall-clock rate; the ratio of the two CPU figures is how much of a delivery the engine
-is. Knobs: ``--records``, ``--rounds``.
+against :mod:`bench.server` (the whole path); ``retry`` is the webhook again with every first
+attempt answered 503 and retried through a 200 ms tier (R6's path). Each line is CPU time of
+this process per record and the wall-clock rate; the ratio of the null and webhook figures is
+how much of a delivery the engine is. Knobs: ``--records``, ``--rounds``, ``--only``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import base64
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -49,7 +51,7 @@ class NullAdapter(Adapter):
         return None
 
 
-def _settings(bootstrap: str, url: str, max_in_flight: int) -> Settings:
+def _settings(bootstrap: str, url: str, max_in_flight: int, *, retry: bool = False) -> Settings:
     tag = uuid.uuid4().hex[:8]
     return load_settings(
         None,
@@ -59,6 +61,7 @@ def _settings(bootstrap: str, url: str, max_in_flight: int) -> Settings:
         delay={"window": "0s", "group": f"micro-{tag}-release"},
         metrics={"port": 0},
         sink={"max_in_flight": max_in_flight},
+        retry={"tiers": ["200ms"]},
         adapters=[
             {
                 "name": "a",
@@ -66,6 +69,8 @@ def _settings(bootstrap: str, url: str, max_in_flight: int) -> Settings:
                 "url": url,
                 "secrets": [{"env": _SECRET_ENV}],
                 "concurrency": 16,
+                # Every record fails once by design: not an outage (as in make bench R6).
+                **({"circuit": {"failure_threshold": 1_000_000}} if retry else {}),
             }
         ],
     )
@@ -119,13 +124,22 @@ def _run_once(settings: Settings, adapter: Adapter | None, count: int) -> tuple[
     return (end[0] - start[0]) / count * 1e6, count / (end[1] - start[1])
 
 
+def _reset(port: int, *, fail_first: bool) -> None:
+    flag = int(fail_first)
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(
+            f"POST /reset?fail_first={flag} HTTP/1.1\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        conn.recv(1024)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sink_micro")
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-in-flight", type=int, default=2000)
     parser.add_argument("--threads", action="store_true", help="CPU per record per thread")
-    parser.add_argument("--only", choices=["null", "webhook"], help="run one of the two")
+    parser.add_argument("--only", choices=["null", "webhook", "retry"], help="run one of them")
     args = parser.parse_args(argv)
     global VERBOSE
     VERBOSE = args.threads
@@ -143,10 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(args.records)
         ]
         with kafka_cluster() as cluster:
-            results: dict[str, list[tuple[float, float]]] = {"null": [], "webhook": []}
+            results: dict[str, list[tuple[float, float]]] = {
+                "null": [],
+                "webhook": [],
+                "retry": [],
+            }
             for _ in range(args.rounds):
                 for name in [args.only] if args.only else ["null", "webhook"]:
-                    settings = _settings(cluster.bootstrap_servers, url, args.max_in_flight)
+                    _reset(port, fail_first=name == "retry")
+                    settings = _settings(
+                        cluster.bootstrap_servers, url, args.max_in_flight, retry=name == "retry"
+                    )
                     create_topics(settings)
                     preload(
                         fast_producer(cluster.bootstrap_servers),
