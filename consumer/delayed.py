@@ -21,12 +21,15 @@ from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumer.headers import RawHeaders
 from consumer.log import get_logger
 
 log = get_logger("delayed")
 
 TP = tuple[str, int]
 DueOf = Callable[[Message], int]
+#: A due time read from a record's headers alone (see ``due_of_headers``).
+HeadersDueOf = Callable[[RawHeaders], int]
 
 
 class Run(NamedTuple):
@@ -41,6 +44,8 @@ class Run(NamedTuple):
     messages: list[Message]
     #: Each record's due time (epoch ms), for a delayed topic; None for a topic read at once.
     dues: list[int] | None
+    #: Each record's headers, when the due times were read from them (``due_of_headers``).
+    headers: list[RawHeaders] | None = None
 
 
 #: How long a resumed partition still counts as held for metrics if none of its records is
@@ -82,8 +87,14 @@ class DelayedConsumer:
     epoch ms and is injectable so unit tests need no waiting.
 
     ``due_of=None``: a topic whose records are all due at once (ingest's input). Such a consumer
-    looks at no record's due time and takes no lock per record; it can still hold a partition
-    (:meth:`hold`, :meth:`rewind`) and be throttled.
+    looks at no record's due time; it can still hold a partition (:meth:`hold`, :meth:`rewind`)
+    and be throttled. ``due_of_headers`` instead of ``due_of``: the due time is read from the
+    headers alone, and each run keeps the headers it read (release copies them: converting a
+    record's headers to Python objects twice cost ~4% of release).
+
+    Holds and assignments change only on the polling thread (in :meth:`hold` and in the
+    rebalance callbacks, which librdkafka calls from inside a poll): that thread reads them
+    without the lock, which is there for the threads that only read them (the lag monitor).
     """
 
     def __init__(
@@ -91,6 +102,7 @@ class DelayedConsumer:
         consumer: Consumer,
         due_of: DueOf | None,
         *,
+        due_of_headers: HeadersDueOf | None = None,
         max_poll_s: float = 1.0,
         clock: Callable[[], int] = now_ms,
         on_assign: Callable[[list[TopicPartition]], None] | None = None,
@@ -98,6 +110,7 @@ class DelayedConsumer:
     ) -> None:
         self.consumer = consumer
         self._due_of = due_of
+        self._due_of_headers = due_of_headers
         self._max_poll_s = max_poll_s
         self._clock = clock
         self._held: dict[TP, _Held] = {}
@@ -258,18 +271,34 @@ class DelayedConsumer:
         self.hold(tp.topic, tp.partition, tp.offset, self._clock() + SEEK_RETRY_MS)
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        """Resume partitions whose position is unknown here (back-pressure lifted), then wake
-        the fetcher of the first one's leader.
+        """Resume partitions that were paused only by back-pressure, and wake their fetchers.
 
-        Without a known offset to seek to, a ListOffsets request to the leader is the wake-up
-        (see :meth:`_resume_at`): one per call, not per partition, because each is a
-        synchronous round trip on the polling thread (per partition they took 37-40% of the
-        sink loop under load). With several brokers, only the first partition's leader is
-        woken at once; the others notice on their own (<= ~1 s).
+        Each continues from its position (after the last record taken from librdkafka's
+        queue), as a plain resume would; seeking it there is what wakes its leader's fetcher
+        without blocking (see :meth:`_resume_at`). The position is known locally; for a
+        partition that has none yet (nothing fetched since it was assigned), a ListOffsets
+        request to the leader is the wake-up, one per call, because each is a synchronous round
+        trip on the polling thread (per partition they took 37-40% of the sink loop under load;
+        in make bench R1 the one wake of ingest's back-pressure at start-up blocked ~0.7 s,
+        queued behind a fetch the broker held for ``fetch.wait.max.ms``).
         """
         self.consumer.resume(partitions)
-        if partitions:
-            self._wake(partitions[0])
+        if not partitions:
+            return
+        try:
+            positions = self.consumer.position(partitions)
+        except KafkaException:
+            positions = []
+        unwoken = [tp for tp in positions if tp.offset <= 0] if positions else partitions
+        for tp in positions:
+            if tp.offset > 0:
+                try:
+                    self.consumer.seek(tp)
+                except KafkaException:
+                    # Only a wake-up: it still resumes from there by itself.
+                    unwoken.append(tp)
+        if unwoken:
+            self._wake(TopicPartition(unwoken[0].topic, unwoken[0].partition))
 
     def _wake(self, partition: TopicPartition) -> None:
         # Only a wake-up: if it fails, the fetcher still resumes on its own.
@@ -337,7 +366,7 @@ class DelayedConsumer:
             # Partitions assigned since throttling began must respect back-pressure too.
             self.consumer.pause([TopicPartition(t, p) for t, p in self.assigned])
         wait = self.poll_timeout(now) if timeout is None else min(timeout, self.poll_timeout(now))
-        if self._due_of is None:
+        if self._due_of is None and self._due_of_headers is None:
             return self._take(self._split(self._fetch(max_records, wait)))
         chunk = self._fetch(min(max_records, CONSUME_CHUNK), wait)
         runs: list[Run] = []
@@ -347,7 +376,7 @@ class DelayedConsumer:
         budget = 2 * max_records
         while chunk:
             budget -= len(chunk)
-            count += self._examine(self._due_of, chunk, runs, stopped)
+            count += self._examine(chunk, runs, stopped)
             room = max_records - count
             if room <= 0 or budget <= 0:
                 break
@@ -415,9 +444,7 @@ class DelayedConsumer:
                     runs = [r for r in runs if r.tp in self._assigned and r.tp not in self._held]
         return runs
 
-    def _examine(
-        self, due_of: DueOf, messages: list[Message], runs: list[Run], stopped: set[TP]
-    ) -> int:
+    def _examine(self, messages: list[Message], runs: list[Run], stopped: set[TP]) -> int:
         """Hand out the due records of ``messages``; hold each partition at its first one not due.
 
         Appends them to ``runs`` (extending the last run if it is of the same partition) and
@@ -426,7 +453,13 @@ class DelayedConsumer:
         not sent round a pause, seek and refetch.
         """
         now = self._clock()
+        due_of, due_of_headers = self._due_of, self._due_of_headers
         count = 0
+        # The partition whose hold and assignment were last checked: a partition changes
+        # state only in a hold made here (and then it is in ``stopped``), or in a rebalance
+        # (only inside ``consume``, between two calls of this method).
+        checked: TP | None = None
+        headers: RawHeaders = None
         for msg in messages:
             if msg.error() is not None:
                 self._error(msg)
@@ -435,12 +468,18 @@ class DelayedConsumer:
             if tp in stopped:
                 # Fetched behind a record that is not due: it will be fetched again.
                 continue
-            with self._lock:
+            if tp != checked:
                 if tp in self._held or tp not in self._assigned:
                     # Raced with a rebalance or a hold: skip, the seek rewinds it.
                     stopped.add(tp)
                     continue
-            due = due_of(msg)
+                checked = tp
+            if due_of_headers is not None:
+                headers = msg.headers()
+                due = due_of_headers(headers)
+            else:
+                assert due_of is not None
+                due = due_of(msg)
             if due > now:
                 now = self._clock()
             if due > now:
@@ -452,11 +491,13 @@ class DelayedConsumer:
             if runs and runs[-1].tp == tp:
                 run = runs[-1]
             else:
-                run = Run(tp, [], [])
+                run = Run(tp, [], [], [] if due_of_headers is not None else None)
                 runs.append(run)
             run.messages.append(msg)
             assert run.dues is not None
             run.dues.append(due)
+            if run.headers is not None:
+                run.headers.append(headers)
             count += 1
         return count
 

@@ -102,7 +102,7 @@ class IngestStage(LoopStage):
         produce = out.producer.produce
         topic, dlq, window = self.delay_topic, self.dlq_topic, self.window_ms
         count = 0
-        for tp, messages, _ in runs:
+        for tp, messages, _, _ in runs:
             run = out.open(tp)
             taken = dead = 0
             for msg in messages:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Producer
 from prometheus_client import Histogram
 
 from consumer import headers as h
@@ -29,14 +29,13 @@ from consumer.topics import delay_topic, sink_topic
 log = get_logger("release")
 
 
-def due_ms(msg: Message) -> int:
+def due_ms(headers: h.RawHeaders) -> int:
     """A record without a readable due header is released at once: it cannot be held forever,
     and everything ingest writes has one.
 
     Reads as :func:`consumer.headers.get_int` does (the last value wins; ``int()`` takes the
     ASCII bytes as they are), in one frame: it runs for every record release examines.
     """
-    headers = msg.headers()
     if not headers:
         return 0
     found: str | bytes | None = None
@@ -120,8 +119,8 @@ class ReleaseStage(LoopStage):
         metrics.init_stage(self.name, self.sinks)
         metrics.delay_window.set(settings.delay.window.total_seconds())
 
-    def due_of(self, msg: Message) -> int:
-        return due_ms(msg)
+    def due_of(self, headers: h.RawHeaders) -> int:
+        return due_ms(headers)
 
     def _started(self) -> dict[str, Any]:
         return {"topic": self.topic, "sinks": self.sinks}
@@ -140,10 +139,12 @@ class ReleaseStage(LoopStage):
         sinks = self.sinks
         produce = out.producer.produce
         count = 0
-        for tp, messages, dues in runs:
+        for tp, messages, dues, read in runs:
             run = out.open(tp)
-            for msg in messages:
-                key, value, headers = msg.key(), msg.value(), msg.headers()
+            # The headers the consumer read the due times from (always, for release).
+            assert read is not None and dues is not None
+            for msg, headers in zip(messages, read, strict=True):
+                key, value = msg.key(), msg.value()
                 for topic in sinks:
                     try:
                         produce(topic, value, key, headers=headers, on_delivery=run)
@@ -153,8 +154,7 @@ class ReleaseStage(LoopStage):
             first, last = messages[0].offset(), messages[-1].offset()
             assert first is not None and last is not None
             out.close(run, first, last, n, dict.fromkeys(sinks, n))
-            if dues is not None:
-                self._lateness.observe(now, dues)
+            self._lateness.observe(now, dues)
             count += n
         self.metrics.records_in.labels(self.name).inc(count)
         # Served at once: acknowledgements that already arrived store their offsets now.

@@ -315,8 +315,8 @@ class LoopStage:
         self._out: Pipeline | None = None
         health.register(self.name)
 
-    def due_of(self, msg: Message) -> int:
-        """Due time in epoch ms; 0: at once."""
+    def due_of(self, headers: h.RawHeaders) -> int:
+        """Due time in epoch ms of a record with these headers, for a :attr:`delayed` stage."""
         return 0
 
     def _started(self) -> dict[str, Any]:
@@ -350,7 +350,8 @@ class LoopStage:
         consumer = DelayedConsumer(
             make_consumer(self.settings, self.group, delayed=self.delayed),
             # Records of a topic that is not delayed are all due: none is looked at for it.
-            due_of=self.due_of if self.delayed else None,
+            due_of=None,
+            due_of_headers=self.due_of if self.delayed else None,
             max_poll_s=self.max_poll_s,
             on_assign=self._on_rebalance,
             on_revoke=self._on_revoke,

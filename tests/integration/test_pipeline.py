@@ -42,14 +42,22 @@ def _until(condition: Callable[[], bool], what: str, step: Callable[[], None]) -
 class Setup:
     """One input partition read through a DelayedConsumer, and a Pipeline writing outputs."""
 
-    def __init__(self, bootstrap: str, source: str, due: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        source: str,
+        due: dict[int, int] | None = None,
+        *,
+        at_once: bool = False,
+    ) -> None:
         self.settings = make_settings(bootstrap)
         self.source = source
         self.group = f"pipeline-{uuid.uuid4().hex[:10]}"
         due = due or {}
         self.consumer = DelayedConsumer(
-            make_consumer(self.settings, self.group, delayed=True),
-            due_of=lambda m: due.get(m.offset() or 0, 0),
+            make_consumer(self.settings, self.group, delayed=not at_once),
+            # at_once: a topic read without due times, as ingest reads its input.
+            due_of=None if at_once else lambda m: due.get(m.offset() or 0, 0),
             max_poll_s=0.2,
             on_revoke=self._revoked,
         )
@@ -249,5 +257,46 @@ def test_a_failed_output_rewinds_its_partition_to_the_first_record_of_its_run(
         # 4 (acknowledged, but in the failed run) comes again with the rest of it.
         assert [m.offset() for m in s.poll(4)] == [4, 5, 6, 7]
         assert s.metrics.records_out.labels("test", out)._value.get() == 4
+    finally:
+        s.consumer.close()
+
+
+def test_back_pressure_pauses_the_input_and_lifting_it_resumes_every_partition_where_it_stopped(
+    bootstrap_servers: str, make_topic: Callable[..., str]
+) -> None:
+    source = make_topic(2)
+    missing = f"test.late.{uuid.uuid4().hex[:12]}"  # created only later in the test
+    produce(bootstrap_servers, source, [(b"%d" % (i % 2), b"%d" % i) for i in range(40)])
+    s = Setup(bootstrap_servers, source, at_once=True)
+    s.pipe.max_pending = 4
+    seen: list[tuple[int, int]] = []
+    try:
+        # Outputs to a topic that does not exist yet: nothing is acknowledged, so after four
+        # records in flight the input is paused.
+        def step() -> None:
+            s.pipe.settle()
+            for run in s.consumer.poll_runs(2, timeout=0.1):
+                for msg in run.messages:
+                    seen.append((msg.partition() or 0, msg.offset() or 0))
+                    s.pipe.send(msg, [(missing, msg.value(), None, None)])
+
+        _until(lambda: s.consumer.throttled, "back-pressure", step)
+        paused_at = len(seen)
+        assert s.pipe.pending >= 4
+        for _ in range(5):
+            step()
+        assert len(seen) == paused_at  # paused: nothing more is handed out
+
+        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+        admin.create_topics([NewTopic(missing, 1, -1)])[missing].result(timeout=30)
+        try:
+            _until(lambda: len(seen) >= 40 and s.pipe.pending == 0, "every record", step)
+        finally:
+            admin.delete_topics([missing])
+        # Each partition resumed where it stopped: every record once, in order.
+        for partition in (0, 1):
+            offsets = [o for p, o in seen if p == partition]
+            assert offsets == list(range(len(offsets)))
+        assert len(seen) == 40
     finally:
         s.consumer.close()

@@ -35,13 +35,16 @@ class FakeMessage:
     def error(self) -> None:
         return None
 
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("due", b"%d" % self.due)]
+
 
 @dataclass
 class FakeConsumer:
     """Serves a fixed log per partition from a position, honouring pause and seek."""
 
     log: dict[tuple[str, int], list[FakeMessage]]
-    position: dict[tuple[str, int], int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     paused: set[tuple[str, int]] = field(default_factory=set)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     callbacks: dict[str, Any] = field(default_factory=dict)
@@ -63,10 +66,10 @@ class FakeConsumer:
         for tp, msgs in self.log.items():
             if tp in self.paused:
                 continue
-            pos = self.position.get(tp, 0)
+            pos = self.offsets.get(tp, 0)
             taken = msgs[pos : pos + limit - len(out)]
             out += taken
-            self.position[tp] = pos + len(taken)
+            self.offsets[tp] = pos + len(taken)
         return out
 
     def consume(self, num: int, timeout: float) -> list[FakeMessage]:
@@ -85,8 +88,15 @@ class FakeConsumer:
         self.paused.difference_update((p.topic, p.partition) for p in parts)
         self.calls.append(("resume", [(p.topic, p.partition) for p in parts]))
 
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        """librdkafka's position: after the last record taken; -1001 (invalid) before any."""
+        return [
+            TopicPartition(p.topic, p.partition, self.offsets.get((p.topic, p.partition), -1001))
+            for p in parts
+        ]
+
     def seek(self, tp: TopicPartition) -> None:
-        self.position[(tp.topic, tp.partition)] = tp.offset
+        self.offsets[(tp.topic, tp.partition)] = tp.offset
         self.calls.append(("seek", ((tp.topic, tp.partition), tp.offset)))
 
     def get_watermark_offsets(
@@ -197,7 +207,7 @@ def test_a_held_partition_is_resumed_only_with_a_seek_back_to_its_head_even_afte
     now = [1000]
     delayed, fake = _setup({0: [900, 1500, 1600, 1700]}, now)
     assert [m.offset() for m in delayed.poll_due(10)] == [0]
-    assert fake.position[("t", 0)] == 4  # the whole chunk was taken from the queue
+    assert fake.offsets[("t", 0)] == 4  # the whole chunk was taken from the queue
     delayed.throttle(True)
     now[0] = 2000
     assert delayed.poll_due(10) == []  # due, but back-pressure: still held, still paused
@@ -300,3 +310,39 @@ def test_a_topic_read_at_once_can_still_hold_and_rewind_a_partition() -> None:
     assert [(r.tp, [m.offset() for m in r.messages]) for r in delayed.poll_runs(10)] == [
         (("t", 0), [1, 2]),
     ]
+
+
+def test_due_times_read_from_headers_come_with_the_headers_they_were_read_from() -> None:
+    now = [1000]
+    log = {("t", 0): [FakeMessage("t", 0, i, d) for i, d in enumerate([900, 950, 1500])]}
+    fake = FakeConsumer(log)
+    delayed = DelayedConsumer(
+        fake,  # type: ignore[arg-type]
+        due_of=None,
+        due_of_headers=lambda headers: int(dict(headers or [])["due"]),
+        clock=lambda: now[0],
+    )
+    delayed.subscribe(["t"])
+    fake.assign_all()
+    (run,) = delayed.poll_runs(10)
+    assert [m.offset() for m in run.messages] == [0, 1]
+    assert run.dues == [900, 950]
+    assert run.headers == [[("due", b"900")], [("due", b"950")]]
+    assert delayed.held() == {("t", 0): 1500}
+
+
+def test_lifting_back_pressure_wakes_each_partition_with_a_seek_to_its_position() -> None:
+    """No blocking ListOffsets round trip when positions are known: each partition is seeked
+    where it would resume anyway (records are neither skipped nor repeated)."""
+    now = [1000]
+    delayed, fake = _setup({0: [0, 0, 0], 1: [0, 0], 2: []}, now, delayed_topic=False)
+    assert sum(len(r.messages) for r in delayed.poll_runs(3)) == 3
+    delayed.throttle(True)
+    fake.calls.clear()
+    delayed.throttle(False)
+    assert fake.paused == set()
+    seeks = sorted(c[1] for c in fake.calls if c[0] == "seek")
+    assert seeks == [(("t", 0), 3)]  # partition 1: nothing taken yet; 2: nothing at all
+    assert [c for c in fake.calls if c[0] == "wake"] == [("wake", ("t", 1))]
+    runs = delayed.poll_runs(10)
+    assert [(r.tp, [m.offset() for m in r.messages]) for r in runs] == [(("t", 1), [0, 1])]
