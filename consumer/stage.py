@@ -7,8 +7,11 @@ before polling again put ``linger.ms`` plus a produce round trip between every b
 next poll: on the lateness of every record that became due meanwhile (make bench R3), and
 ~46% of ingest's loop (R1).
 
-If an output fails, the input partition is rewound to the first record not acknowledged and
-processed again: duplicates are possible (at-least-once), loss is not.
+Records are tracked per run (a partition's consecutive records in one batch), not per record:
+a batch's records arrive in runs (:meth:`DelayedConsumer.poll_runs`), and one counter per run
+is the delivery callback of all its outputs. If an output fails, the input partition is
+rewound to the first record of that run and processed again from there: duplicates are
+possible (at-least-once), loss is not.
 """
 
 from __future__ import annotations
