@@ -343,6 +343,8 @@ def test_lifting_back_pressure_wakes_each_partition_with_a_seek_to_its_position(
     assert fake.paused == set()
     seeks = sorted(c[1] for c in fake.calls if c[0] == "seek")
     assert seeks == [(("t", 0), 3)]  # partition 1: nothing taken yet; 2: nothing at all
-    assert [c for c in fake.calls if c[0] == "wake"] == [("wake", ("t", 1))]
+    # One ListOffsets wake-up for the partitions without a position (either of them).
+    (wake,) = [c for c in fake.calls if c[0] == "wake"]
+    assert wake[1] in {("t", 1), ("t", 2)}
     runs = delayed.poll_runs(10)
     assert [(r.tp, [m.offset() for m in r.messages]) for r in runs] == [(("t", 1), [0, 1])]
