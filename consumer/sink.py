@@ -3,13 +3,17 @@
 Where does a delivery get retried? Here: :meth:`SinkWorker._settle` asks
 :func:`consumer.policy.next_step` and produces the record to the next tier or the DLQ.
 
-Concurrency: deliveries of different keys run at once (up to the adapter's ``concurrency``);
-records of one key go one at a time, in the order consumed. Offsets are stored per partition
-only up to the lowest record whose outcome is not final yet, so a crash redelivers, never loses.
+Concurrency: deliveries of different keys run at once, on a fixed pool of the adapter's
+``concurrency`` workers; records of one key go one at a time, in the order consumed (a key's
+next record becomes ready only when the one before it has ended). Offsets are stored per
+partition only up to the lowest record whose outcome is not final yet, so a crash redelivers,
+never loses. A batch adapter's records each wait in a task of their own instead: they are
+finished by their batch, not by a worker.
 
 Threads: the asyncio loop runs deliveries; ``consume`` runs in one executor thread so the loop
 stays free while it blocks (rebalance callbacks fire there and hand work to the loop); a small
-thread serves producer acknowledgements so they never wait for a poll.
+thread serves producer acknowledgements so they never wait for a poll, and hands the loop all
+it collected in one call per poll.
 """
 
 from __future__ import annotations
