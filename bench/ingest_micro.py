@@ -1,13 +1,16 @@
-"""``python -m bench.ingest_micro``: ingest's per-record Python cost, old path vs fast path.
+"""``python -m bench.ingest_micro``: ingest's per-record CPU on each of its three paths.
 
 In one process, on the same benchmark-shaped records (:mod:`bench.data`), without Kafka: the
-stage's own per-record ``_one`` with the fast path switched off (the pydantic path: decode,
-validate, project, fastavro) and on, in interleaved rounds so that the load of a shared machine
-hits both alike; the ratio of the medians is the figure to trust, the µs are for orientation.
-Both paths' outputs are compared first, so a speed-up that changed a byte would not print.
+stage's own per-record ``_one`` with no fast path (the pydantic path: decode, validate, project,
+fastavro), with the Python fast path (:mod:`consumer.fastpath`) and with the native one
+(``auto_trace_native``, when installed), in interleaved rounds so that the load of a shared
+machine hits them alike; the ratios of the medians are the figures to trust, the µs are for
+orientation. Every path's outputs are compared first, so a speed-up that changed a byte would
+not print.
 
-Also timed: the fast path alone and its msgspec parse, and librdkafka's ``produce()`` of the
-same outputs (queued, no broker): the part of a record's cost that is not ingest's Python.
+Also timed: each fast path alone, msgspec's parse (the Python fast path's first step), and
+librdkafka's ``produce()`` of the same outputs (queued, no broker): the part of a record's cost
+that is not ingest's Python.
 
 Environment: ``MICRO_RECORDS`` (default 5000), ``MICRO_ROUNDS`` (default 7).
 """
@@ -19,6 +22,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Producer
@@ -31,6 +35,7 @@ from consumer.fastpath import _DECODER
 from consumer.health import Health
 from consumer.ingest import IngestStage, trace_headers
 from consumer.metrics import Metrics
+from consumer.native import FastPath, load_native
 
 
 class _Msg:
@@ -87,12 +92,16 @@ def main() -> None:
     stage = IngestStage(
         load_settings(None, delay={"window": "0s"}, metrics={"port": 0}), Metrics(), Health()
     )
-    fast = stage.fast_path
-    assert fast is not None, "the default JSON decoder must get the fast path"
+    skew_ms = int(stage.skew_ms)
+    python_fast = fastpath.JsonFastPath(max_bytes=stage.decoder.max_bytes, skew_ms=skew_ms)
+    paths: dict[str, FastPath | None] = {"pydantic": None, "python": python_fast}
+    native = load_native(max_bytes=stage.decoder.max_bytes, skew_ms=skew_ms)
+    if native is not None:
+        paths["native"] = native
     stage_any: Any = stage  # _one is private: the stage loop calls it
 
-    def handle(with_fast: bool) -> _Out:
-        stage.fast_path = fast if with_fast else None
+    def handle(path: FastPath | None) -> _Out:
+        stage.fast_path = path
         out = _Out()
         now = now_ms()
         append, one = out.produced.append, stage_any._one
@@ -100,39 +109,49 @@ def main() -> None:
             append(one(message, now))
         return out
 
-    old_out, new_out = handle(False), handle(True)
-    assert len(old_out.produced) == count, "every benchmark record must be valid"
-    assert old_out.produced == new_out.produced, "fast path output differs from the pydantic path"
+    outputs = {name: handle(path).produced for name, path in paths.items()}
+    assert len(outputs["pydantic"]) == count, "every benchmark record must be valid"
+    for name, produced in outputs.items():
+        assert produced == outputs["pydantic"], f"{name} fast path output differs from pydantic"
     now = now_ms()
-    assert all(fast(raw, now) is not None for raw in raws), "fast path declined a bench record"
-    print(f"{count} records of ~{sum(map(len, raws)) // count} B, outputs identical")
+    for name, path in paths.items():
+        if path is not None:
+            assert all(path(raw, now) is not None for raw in raws), f"{name} declined a record"
+    print(
+        f"{count} records of ~{sum(map(len, raws)) // count} B, outputs of "
+        f"{', '.join(paths)} identical"
+        + ("" if native is not None else " (native fast path not installed: not timed)")
+    )
 
-    results: dict[str, list[float]] = {
-        "old _one": [],
-        "new _one": [],
-        "fast path alone": [],
-        "msgspec parse": [],
-        "fast path, cold memos": [],
-    }
+    results: dict[str, list[float]] = {f"_one, {name}": [] for name in paths}
+    for name, path in paths.items():
+        if path is not None:
+            results[f"{name} fast path alone"] = []
+    results["msgspec parse"] = []
+    results["python fast path, cold memos"] = []
+
+    def each(path: FastPath) -> list[object]:
+        return [path(raw, now) for raw in raws]
 
     def cold(raw: bytes) -> object:
         # The benchmark's 2,000-trade pool repeats its prices: without the decimal memos, the
         # cost of a stream whose every price is new.
         fastpath._DECIMALS.clear()
-        return fast(raw, now)
+        return python_fast(raw, now)
 
     for _ in range(rounds):
-        results["old _one"].append(_time(lambda: handle(False)))
-        results["new _one"].append(_time(lambda: handle(True)))
-        results["fast path alone"].append(_time(lambda: [fast(r, now) for r in raws]))
+        for name, path in paths.items():
+            results[f"_one, {name}"].append(_time(partial(handle, path)))
+            if path is not None:
+                results[f"{name} fast path alone"].append(_time(partial(each, path)))
         results["msgspec parse"].append(_time(lambda: [_DECODER.decode(r) for r in raws]))
-        results["fast path, cold memos"].append(_time(lambda: [cold(r) for r in raws]))
+        results["python fast path, cold memos"].append(_time(lambda: [cold(r) for r in raws]))
 
     # librdkafka's produce() itself, on a producer with no reachable broker (records just queue):
     # the part of a record's cost that stays whatever ingest does in Python.
     producer = Producer({"bootstrap.servers": "127.0.0.1:9", "log_level": 0, "linger.ms": 60_000})
     headers = trace_headers(1_795_687_200_000, 0, b"B-0000000001")
-    values = [p[1] for p in new_out.produced]
+    values = [p[1] for p in outputs["pydantic"]]
 
     def produce() -> None:
         for value in values:
@@ -146,14 +165,23 @@ def main() -> None:
 
     medians = {name: statistics.median(times) / count for name, times in results.items()}
     for name, per in medians.items():
-        print(f"{name:22} {per:7.2f} µs/record  (min {min(results[name]) / count:.2f})")
-    ratio = medians["old _one"] / medians["new _one"]
-    paired = statistics.median(
-        o / n for o, n in zip(results["old _one"], results["new _one"], strict=True)
-    )
-    print(
-        f"old ÷ new: {ratio:.1f}x (median of paired rounds {paired:.1f}x); load {os.getloadavg()}"
-    )
+        print(f"{name:30} {per:7.2f} µs/record  (min {min(results[name]) / count:.2f})")
+    base = results["_one, pydantic"]
+    for name in paths:
+        if name == "pydantic":
+            continue
+        mine = results[f"_one, {name}"]
+        paired = statistics.median(o / n for o, n in zip(base, mine, strict=True))
+        print(
+            f"pydantic ÷ {name}: {medians['_one, pydantic'] / medians[f'_one, {name}']:.1f}x "
+            f"(median of paired rounds {paired:.1f}x)"
+        )
+    if "native" in paths:
+        paired = statistics.median(
+            p / n for p, n in zip(results["_one, python"], results["_one, native"], strict=True)
+        )
+        print(f"python ÷ native: {paired:.1f}x (median of paired rounds)")
+    print(f"load {os.getloadavg()}")
 
 
 if __name__ == "__main__":
