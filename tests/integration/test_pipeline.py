@@ -115,6 +115,21 @@ def _records(bootstrap: str, topic: str, count: int) -> None:
     produce(bootstrap, topic, [(None, b"%d" % i) for i in range(count)])
 
 
+def _create_late_topic_and_see_all_stored(
+    s: Setup, bootstrap_servers: str, missing: str, out: str
+) -> None:
+    """Create the topic one output was waiting for: its acknowledgement then stores all 10."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin.create_topics([NewTopic(missing, 1, -1)])[missing].result(timeout=30)
+    try:
+        s.settle_until(lambda: s.pipe.pending == 0, "the late acknowledgement")
+        assert s.committed() == 10
+        assert s.metrics.records_out.labels("test", out)._value.get() == 9
+        assert s.metrics.records_out.labels("test", missing)._value.get() == 1
+    finally:
+        admin.delete_topics([missing])
+
+
 def test_offsets_are_stored_in_order_and_never_past_an_unacknowledged_record(
     bootstrap_servers: str, make_topic: Callable[..., str]
 ) -> None:
@@ -134,15 +149,7 @@ def test_offsets_are_stored_in_order_and_never_past_an_unacknowledged_record(
         assert s.pipe.pending == 7
         assert s.committed() == 3
 
-        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-        admin.create_topics([NewTopic(missing, 1, -1)])[missing].result(timeout=30)
-        try:
-            s.settle_until(lambda: s.pipe.pending == 0, "the late acknowledgement")
-            assert s.committed() == 10
-            assert s.metrics.records_out.labels("test", out)._value.get() == 9
-            assert s.metrics.records_out.labels("test", missing)._value.get() == 1
-        finally:
-            admin.delete_topics([missing])
+        _create_late_topic_and_see_all_stored(s, bootstrap_servers, missing, out)
     finally:
         s.consumer.close()
 
@@ -220,15 +227,7 @@ def test_a_run_is_stored_only_once_every_output_of_it_is_acknowledged(
         assert s.pipe.pending == 6
         assert s.committed() == 4
 
-        admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-        admin.create_topics([NewTopic(missing, 1, -1)])[missing].result(timeout=30)
-        try:
-            s.settle_until(lambda: s.pipe.pending == 0, "the late acknowledgement")
-            assert s.committed() == 10
-            assert s.metrics.records_out.labels("test", out)._value.get() == 9
-            assert s.metrics.records_out.labels("test", missing)._value.get() == 1
-        finally:
-            admin.delete_topics([missing])
+        _create_late_topic_and_see_all_stored(s, bootstrap_servers, missing, out)
     finally:
         s.consumer.close()
 
