@@ -13,6 +13,7 @@ import os
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
+from json.encoder import encode_basestring as _encode_string
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,43 @@ def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
+#: ``"key":`` as the encoder above writes it, per key seen; bounded, as keys come from data.
+_KEY_TEXT: dict[str, str] = {}
+_KEY_TEXT_MAX = 256
+
 
 def to_json_bytes(record: dict[str, Any]) -> bytes:
-    return _ENCODE(to_json_dict(record)).encode()
+    """The exact bytes ``_ENCODE(to_json_dict(record))`` gives, assembled directly.
+
+    Every delivery renders one record (a sixth of the sink worker's CPU per delivery): building
+    the intermediate dict and walking it again in the encoder cost ~a quarter more than writing
+    the text here. Strings go through the encoder's own escaping function, so the bytes cannot
+    drift from it; a value of any other type (or a key that is not a ``str``) sends the whole
+    record through the encoder itself. ``tests/unit/test_tracecodec.py`` compares both.
+    """
+    parts: list[str] = []
+    append = parts.append
+    keys = _KEY_TEXT
+    for key, value in record.items():
+        prefix = keys.get(key)
+        if prefix is None:
+            if type(key) is not str:
+                return _ENCODE(to_json_dict(record)).encode()
+            prefix = _encode_string(key) + ":"
+            if len(keys) < _KEY_TEXT_MAX:
+                keys[key] = prefix
+        kind = type(value)
+        if kind is str:
+            append(prefix + _encode_string(value))
+        elif kind is Decimal:
+            append(f'{prefix}"{render_decimal(value)}"')
+        elif kind is datetime:
+            append(f'{prefix}"{render_time(value)}"')
+        elif value is None:
+            append(prefix + "null")
+        else:
+            return _ENCODE(to_json_dict(record)).encode()
+    return ("{" + ",".join(parts) + "}").encode()
 
 
 def idempotency_key(trade_id: str, adapter: str) -> str:

@@ -120,6 +120,34 @@ def test_renders_times_in_other_zones_and_short_decimals_as_records() -> None:
     assert records.to_json_bytes(record) == _reference_json(record)
 
 
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {},
+        {"n": 1, "text": "a"},
+        {"text": "a", "x": 1.5, "flag": True, "items": [1, "b", None]},
+        {"nested": {"k": "v", "n": [1, 2]}},
+        {1: "non-str key", "text": "a"},
+        {"sub": _Text('a"b'), "text": "\x00\n"},
+        {'\u00e9"\\key\ud7ff': "v", "inf": float("inf")},
+    ],
+)
+def test_renders_other_values_exactly_as_the_encoder(record: dict[Any, Any]) -> None:
+    """Values outside the TraceRecord's types fall back to the encoder: same bytes."""
+    assert records.to_json_bytes(record) == _reference_json(record)
+
+
+def test_renders_any_number_of_distinct_keys() -> None:
+    record = {f"k{i}\u2029": str(i) for i in range(3 * records._KEY_TEXT_MAX)}
+    assert records.to_json_bytes(record) == _reference_json(record)
+    assert records.to_json_bytes(record) == _reference_json(record)
+    assert len(records._KEY_TEXT) <= records._KEY_TEXT_MAX
+
+
 @settings(max_examples=150, deadline=None)
 @given(trace_records, st.data())
 def test_truncated_records_are_refused(record: dict[str, Any], data: st.DataObject) -> None:
