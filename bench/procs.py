@@ -52,75 +52,25 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-class Proc:
-    """A child process with its output in a log file, CPU samples, and a clean stop."""
+class Sampled:
+    """CPU samples of one process by pid: a child of the benchmark, or the local broker."""
 
-    def __init__(
-        self,
-        name: str,
-        command: Sequence[str],
-        logs: Path,
-        env: dict[str, str] | None = None,
-        *,
-        profile: bool = False,
-        stdout: bool = False,
-    ) -> None:
+    def __init__(self, name: str, pid: int, *, threads: bool = True) -> None:
         self.name = name
-        self.log_path = logs / f"{name}.log"
+        self._pid = pid
+        #: Per-thread samples read every task of the process: off for the broker's JVM, whose
+        #: hundred-odd threads would make the benchmark's own sampling a load of its own.
+        self._threads = threads
         self.samples: list[tuple[float, float]] = []
         #: Per thread name (librdkafka names its threads rdk:main, rdk:broker1, ...).
         self.thread_samples: list[tuple[float, dict[str, float]]] = []
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdout else log,
-                stderr=log,
-                env={**os.environ, **(env or {})},
-            )
-        self.spy: subprocess.Popen[bytes] | None = None
-        out_dir = os.environ.get("BENCH_PROFILE")
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        if profile and out_dir and Path(spy).exists():
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            # --idle: also the time threads spend waiting, so a blocking call shows up.
-            idle = ["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []
-            # --gil: only the thread holding the GIL, i.e. Python CPU (by default a thread
-            # waiting for the GIL counts as busy where it waits: FACTS.md).
-            idle += ["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []
-            self.spy = subprocess.Popen(
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(self.pid),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "200",
-                    "--nonblocking",
-                    *idle,
-                    "-o",
-                    str(Path(out_dir) / f"{name}.txt"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        self.sample()
 
     @property
     def pid(self) -> int:
-        return int(self.popen.pid)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self._pid
 
     def check(self) -> None:
-        if not self.alive():
-            raise RuntimeError(
-                f"{self.name} exited with {self.popen.returncode}:\n{_tail(self.log_path)}"
-            )
+        """Raise if the process died (only the benchmark's own children are checked)."""
 
     def cpu_seconds(self) -> float | None:
         return _cpu(Path(f"/proc/{self.pid}/stat"))
@@ -156,7 +106,8 @@ class Proc:
         if cpu is not None:
             now = time.time()
             self.samples.append((now, cpu))
-            self.thread_samples.append((now, self.thread_cpu()))
+            if self._threads:
+                self.thread_samples.append((now, self.thread_cpu()))
 
     def thread_shares(self, start_ms: int, end_ms: int) -> dict[str, float]:
         """Share of a core per thread name between the samples nearest the two times."""
@@ -188,6 +139,70 @@ class Proc:
 
         start, end = start_ms / 1000, end_ms / 1000
         return (at(end) - at(start)) / (end - start)
+
+
+class Proc(Sampled):
+    """A child process with its output in a log file, CPU samples, and a clean stop."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        logs: Path,
+        env: dict[str, str] | None = None,
+        *,
+        profile: bool = False,
+        stdout: bool = False,
+    ) -> None:
+        self.log_path = logs / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout else log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+            )
+        super().__init__(name, self.popen.pid)
+        self.spy: subprocess.Popen[bytes] | None = None
+        out_dir = os.environ.get("BENCH_PROFILE")
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if profile and out_dir and Path(spy).exists():
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            # --idle: also the time threads spend waiting, so a blocking call shows up.
+            idle = ["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []
+            # --gil: only the thread holding the GIL, i.e. Python CPU (by default a thread
+            # waiting for the GIL counts as busy where it waits: FACTS.md).
+            idle += ["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []
+            self.spy = subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(self.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    *idle,
+                    "-o",
+                    str(Path(out_dir) / f"{name}.txt"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        self.sample()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check(self) -> None:
+        if not self.alive():
+            raise RuntimeError(
+                f"{self.name} exited with {self.popen.returncode}:\n{_tail(self.log_path)}"
+            )
 
     def stop(self, timeout: float = 30) -> None:
         if self.alive():
@@ -255,7 +270,7 @@ class Stage(Proc):
 
 def wait_until(
     condition: Callable[[], bool],
-    procs: Sequence[Proc],
+    procs: Sequence[Sampled],
     timeout: float,
     what: str,
     interval: float = 0.1,

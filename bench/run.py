@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from bench import data
 from bench.kafka import Topics, Watermarks, fast_producer, lateness_ms, preload, read_all, span
-from bench.procs import Proc, Receiver, Stage, wait_until
+from bench.procs import Proc, Receiver, Sampled, Stage, wait_until
 from bench.report import SEED_CEILING_TRADES_PER_S, Row, render
 from consumer import headers as h
 from consumer.broker import kafka_cluster
@@ -78,6 +78,9 @@ class Ctx:
     #: ``BENCH_KAFKA_CLIENT`` (a JSON object): extra librdkafka settings for every stage, to
     #: try a tuning without editing code.
     client: dict[str, Any] = field(default_factory=dict)
+    #: The local broker's process, sampled with the stages: on two cores the broker's share is
+    #: what the stage under test could not have (None for an external broker).
+    broker: Sampled | None = None
 
     def n(self, full: int, floor: int) -> int:
         return max(floor, int(full * self.scale))
@@ -156,12 +159,21 @@ class Ctx:
         hard = self.started + self.budget_s + 120 - time.monotonic()
         return max(10.0, min(timeout, hard))
 
+    def watched(self, procs: Sequence[Sampled]) -> list[Sampled]:
+        return [*procs, *([self.broker] if self.broker is not None else [])]
+
+    def broker_cpu(self, start_ms: int, end_ms: int) -> str:
+        """ ", broker N%": the broker's share of a core over a measured interval."""
+        if self.broker is None:
+            return ""
+        return f", broker {_pct(self.broker.cpu_share(start_ms, end_ms))}"
+
     def wait_count(self, topic: str, count: int, procs: list[Proc], timeout: float) -> None:
         marks = Watermarks(self.bootstrap)
         try:
             wait_until(
                 lambda: marks.count(topic) >= count,
-                procs,
+                self.watched(procs),
                 self.cap(timeout),
                 f"{count:,} records in {topic}",
                 interval=0.2,
@@ -225,7 +237,8 @@ def _passthrough(ctx: Ctx, cfg_path: Path, source: str, count: int, run: int) ->
     cpu = copy.cpu_share(copied.first_ms, copied.last_ms)
     ctx.say(
         f"passthrough {run}: {_fmt(rate)} records/s (cpu {_pct(cpu)}: "
-        f"{_threads(copy, copied.first_ms, copied.last_ms)})"
+        f"{_threads(copy, copied.first_ms, copied.last_ms)}"
+        f"{ctx.broker_cpu(copied.first_ms, copied.last_ms)})"
     )
     return rate
 
@@ -271,7 +284,8 @@ def r1(ctx: Ctx) -> None:
     ingest_cpu = ingest.cpu_share(ingested.first_ms, ingested.last_ms)
     ctx.say(
         f"ingest: {_fmt(ingest_rate)} records/s (cpu {_pct(ingest_cpu)}: "
-        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)})"
+        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)}"
+        f"{ctx.broker_cpu(ingested.first_ms, ingested.last_ms)})"
     )
     second = _passthrough(ctx, cfg_path, source, count, 2)
     pass_rate = (first + second) / 2
@@ -282,7 +296,8 @@ def r1(ctx: Ctx) -> None:
             ingest_rate / pass_rate,
             key="r1",
             inputs=(
-                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}), passthrough "
+                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}"
+                f"{ctx.broker_cpu(ingested.first_ms, ingested.last_ms)}), passthrough "
                 f"{_fmt(pass_rate)}/s (mean of {_fmt(first)} before and {_fmt(second)} after); "
                 f"{count:,} trade.closed JSON records, mean {size:.0f} B, {PARTITIONS} "
                 f"partitions, one process each; ingest fast path: {_fast_path(ingest)}"
@@ -304,7 +319,8 @@ def r1b(ctx: Ctx) -> None:
     rate = released.rate(count)
     cpu_i = ingest.cpu_share(released.first_ms, released.last_ms)
     cpu_r = release.cpu_share(released.first_ms, released.last_ms)
-    ctx.say(f"ingest+release: {_fmt(rate)} records/s (cpu {_pct(cpu_i)} + {_pct(cpu_r)})")
+    broker = ctx.broker_cpu(released.first_ms, released.last_ms)
+    ctx.say(f"ingest+release: {_fmt(rate)} records/s (cpu {_pct(cpu_i)} + {_pct(cpu_r)}{broker})")
     pass_rate = ctx.rates["passthrough"]
     ctx.rows.append(
         Row(
@@ -313,7 +329,7 @@ def r1b(ctx: Ctx) -> None:
             key="r1b",
             inputs=(
                 f"{_fmt(rate)}/s into the sink topic (window 0, 1 adapter; cpu ingest "
-                f"{_pct(cpu_i)}, release {_pct(cpu_r)}); same {count:,} records as R1, one "
+                f"{_pct(cpu_i)}, release {_pct(cpu_r)}{broker}); same {count:,} records as R1, one "
                 f"process per stage; ingest fast path: {_fast_path(ingest)}"
             ),
         )
@@ -431,7 +447,7 @@ def _deliveries(
 
     wait_until(
         done,
-        [*watched, receiver],
+        ctx.watched([*watched, receiver]),
         ctx.cap(timeout),
         f"{count:,} deliveries",
         interval=0.2,
@@ -503,7 +519,8 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
     ctx.rates["sink"] = rate
     ctx.say(
         f"sink: {_fmt(rate)} deliveries/s (cpu {_pct(cpu_s)}: "
-        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}; receiver {_pct(cpu_rx)})"
+        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}; receiver {_pct(cpu_rx)}"
+        f"{ctx.broker_cpu(stats['first_ms'], stats['last_ok_ms'])})"
     )
     if stats["distinct_ok"] != count:
         ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
@@ -516,7 +533,8 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
             rate / aio,
             key="r4",
             inputs=(
-                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}), raw "
+                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}"
+                f"{ctx.broker_cpu(stats['first_ms'], stats['last_ok_ms'])}), raw "
                 f"aiohttp {_fmt(aio)}/s (mean of {_fmt(before.rate)} before and "
                 f"{_fmt(after.rate)} after; cpu {_pct(before.cpu)}, receiver "
                 f"{_pct(before.receiver_cpu)}); {count:,} POSTs of {body_size:.0f} B, "
@@ -549,9 +567,11 @@ def r6(ctx: Ctx, receiver: Receiver) -> None:
     rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 50)
     ctx.stop(sink)
     cpu = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    broker = ctx.broker_cpu(stats["first_ms"], stats["last_ok_ms"])
     ctx.say(
         f"retry path: {_fmt(rate)} deliveries/s (cpu {_pct(cpu)}: "
-        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}), failed {stats['failed']}"
+        f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}"
+        f"{broker}), failed {stats['failed']}"
     )
     main_rate = ctx.rates["sink"]
     ctx.rows.append(
@@ -560,7 +580,8 @@ def r6(ctx: Ctx, receiver: Receiver) -> None:
             rate / main_rate,
             key="r6",
             inputs=(
-                f"retry path {_fmt(rate)}/s (cpu {_pct(cpu)}), main path {_fmt(main_rate)}/s; "
+                f"retry path {_fmt(rate)}/s (cpu {_pct(cpu)}{broker}), main path "
+                f"{_fmt(main_rate)}/s; "
                 f"{count:,} records, each first attempt answered 503, tier 200ms; "
                 f"{stats['failed']:,} failed + {stats['ok']:,} ok requests"
             ),
@@ -725,6 +746,8 @@ def main() -> int:
     with kafka_cluster() as cluster:
         ctx = Ctx(cluster.bootstrap_servers, scale, OUTPUT, Topics(cluster.bootstrap_servers))
         ctx.client = client
+        if cluster.local is not None and cluster.local.pid is not None:
+            ctx.broker = Sampled("broker", cluster.local.pid, threads=False)
         ctx.say(f"Kafka at {cluster.bootstrap_servers} ({cluster.kind}), BENCH_SCALE={scale}")
         try:
             run(ctx, only or set(SCENARIOS))
