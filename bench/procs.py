@@ -267,6 +267,35 @@ class Stage(Proc):
                 found = True
         return total if found else None
 
+    def buckets(self, name: str, match: str = "") -> dict[float, float]:
+        """A histogram's cumulative bucket counts by upper bound (``+Inf`` as infinity), from
+        the samples whose labels contain ``match``."""
+        status, text = self._get("/metrics")
+        out: dict[float, float] = {}
+        if status != 200:
+            return out
+        prefix = f"{name}_bucket{{"
+        for line in text.splitlines():
+            if line.startswith(prefix) and match in line:
+                labels, value = line.rsplit(" ", 1)
+                bound = labels.split('le="', 1)[1].split('"', 1)[0]
+                key = float("inf") if bound == "+Inf" else float(bound)
+                out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+
+def quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The upper bound of the bucket holding quantile ``q`` of what was observed between two
+    readings of a histogram (None if nothing was)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= q * counts[-1]:
+            return bound
+    return None
+
 
 def wait_until(
     condition: Callable[[], bool],

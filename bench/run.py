@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from bench import data
 from bench.kafka import Topics, Watermarks, fast_producer, lateness_ms, preload, read_all, span
-from bench.procs import Proc, Receiver, Sampled, Stage, wait_until
+from bench.procs import Proc, Receiver, Sampled, Stage, quantile_bound, wait_until
 from bench.report import SEED_CEILING_TRADES_PER_S, Row, render
 from consumer import headers as h
 from consumer.broker import kafka_cluster
@@ -349,12 +349,13 @@ def _warm_up(msg: Message) -> bool:
 
 
 def _steady(
-    ctx: Ctx, producer: Any, topic: str, ids: range, stages: list[Stage], rng: random.Random
+    ctx: Ctx, producer: Any, topic: str, ids: range, stages: list[Sampled], rng: random.Random
 ) -> float:
     """Trades numbered ``ids`` at R3_RATE per second, close_time = when each is sent; the
     seconds it took."""
     start = time.monotonic()
     sent = 0
+    sampled = 0.0
     while sent < len(ids):
         target = min(len(ids), int((time.monotonic() - start) * R3_RATE) + 1)
         while sent < target:
@@ -362,11 +363,21 @@ def _steady(
             producer.produce(topic, value=data.to_json(t), key=t["trade_id"])
             sent += 1
         producer.poll(0)
-        for stage in stages:
-            stage.sample()
+        # A sample reads every thread of a stage from /proc: ten times a second is plenty,
+        # and at every 2 ms tick it would be a load of its own on the cores being measured.
+        if time.monotonic() - sampled >= 0.1:
+            sampled = time.monotonic()
+            for stage in stages:
+                stage.sample()
         time.sleep(0.002)
     producer.flush(30)
     return time.monotonic() - start
+
+
+def _bound_ms(bound: float | None) -> str:
+    if bound is None:
+        return "?"
+    return "inf" if bound == float("inf") else f"{bound * 1000:g} ms"
 
 
 def r3(ctx: Ctx) -> None:
@@ -388,10 +399,30 @@ def r3(ctx: Ctx) -> None:
     # Warm-up trades are numbered from _WARM_UP_IDS on, the measured ones from 0.
     _steady(ctx, producer, settings.input.topic, range(_WARM_UP_IDS, _WARM_UP_IDS + warm), [], rng)
     ctx.wait_count(sink, warm, [ingest, release], 60)
-    sent_s = _steady(ctx, producer, settings.input.topic, range(count), [ingest, release], rng)
+    # Release's own lateness histogram (due -> handed to its producer): apart from the
+    # append-time lateness, it tells a late hand-out from a slow produce.
+    histogram, labels = "auto_trace_lateness_seconds", 'stage="release"'
+    handed_before = release.buckets(histogram, labels)
+    steady_start = now_ms()
+    sent_s = _steady(
+        ctx, producer, settings.input.topic, range(count), ctx.watched([ingest, release]), rng
+    )
     ctx.wait_count(sink, warm + count, [ingest, release], 60)
+    steady_end = now_ms()
+    handed = release.buckets(histogram, labels)
+    cpu = (
+        f"cpu ingest {_pct(ingest.cpu_share(steady_start, steady_end))}, release "
+        f"{_pct(release.cpu_share(steady_start, steady_end))}"
+        f"{ctx.broker_cpu(steady_start, steady_end)}"
+    )
     ctx.stop(ingest, release)
-    measured = (m for m in read_all(ctx.bootstrap, sink, warm + count) if not _warm_up(m))
+    measured = [m for m in read_all(ctx.bootstrap, sink, warm + count) if not _warm_up(m)]
+    # Every record's lateness, to see whether the tail is spread out or one stall.
+    with (ctx.logs / "r3-lateness.csv").open("w") as out:
+        out.write("partition,offset,due_ms,lateness_ms\n")
+        for m in measured:
+            due = h.get_int(m.headers(), h.DUE_MS)
+            out.write(f"{m.partition()},{m.offset()},{due},{lateness_ms(m)}\n")
     late = sorted(lateness_ms(m) for m in measured)
     if len(late) != count:
         raise RuntimeError(f"R3: {len(late)} measured records on the sink topic, expected {count}")
@@ -399,11 +430,18 @@ def r3(ctx: Ctx) -> None:
     p50 = late[len(late) // 2]
     p99 = late[min(len(late) - 1, int(len(late) * 0.99))]
     worst = late[-1]
-    ctx.say(f"lateness p50 {p50} ms, p99 {p99} ms, max {worst} ms, early {early}")
+    ctx.say(f"lateness p50 {p50} ms, p99 {p99} ms, max {worst} ms, early {early} ({cpu})")
+    handed_out = ", ".join(
+        f"p{round(q * 100)} ≤ {_bound_ms(quantile_bound(handed_before, handed, q))}"
+        for q in (0.5, 0.99)
+    )
+    ctx.say(f"release's own histogram (due -> handed to its producer): {handed_out}")
     inputs = (
         f"{count:,} records at {count / sent_s:,.0f}/s through ingest → release, window "
-        f"{R3_WINDOW_S} s, {PARTITIONS} partitions, after {warm:,} unmeasured warm-up records; "
-        "sink-topic append time - due header"
+        f"{R3_WINDOW_S} s, {PARTITIONS} partitions, after {warm:,} unmeasured warm-up records "
+        f"({cpu}); "
+        "sink-topic append time - due header; release's own histogram (due -> handed to "
+        f"its producer, bucket bounds): {handed_out}"
     )
     ctx.rows += [
         Row("R3  release lateness p50", p50, "ms", key="r3_p50_ms", inputs=inputs),
