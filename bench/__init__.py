@@ -46,13 +46,14 @@ Environment:
     BENCH_ONLY=R4,R6       run only these scenarios (R1b runs R1; R6 runs R4)
     BENCH_KAFKA_CLIENT='{"queued.max.messages.kbytes": 1024}'
                            extra librdkafka settings for every stage (try a tuning, no edits)
-    BENCH_PROFILE=DIR      attach ``py-spy record`` to each process (collapsed stacks in DIR);
+    BENCH_PROFILE=DIR      attach ``py-spy record`` to each process (collapsed stacks in DIR;
+                           py-spy is not a dependency: ``.venv/bin/pip install py-spy``);
     BENCH_PROFILE_IDLE=1   ... including time spent waiting (shows blocking calls)
     BENCH_PROFILE_GIL=1    ... only the thread holding the GIL (where Python CPU goes)
 
 The output is a table (each ratio with its inputs and the raw rates behind it), the goal checks,
 and as the last line one JSON object (:data:`bench.report.JSON_KEYS`). Stage logs and configs are
-left in ``bench-output/``. A run at scale 1.0 takes 7-12 minutes on 2 cores, depending on what
-else runs; no scenario starts after 10 minutes and no wait outlasts that by more than 2, so
+left in ``bench-output/``. A run at scale 1.0 takes 2.5-3 minutes on 2 cores (more when other
+work competes); no scenario starts after 10 minutes and no wait outlasts that by more than 2, so
 ``make bench`` ends within 15.
 """

@@ -39,6 +39,12 @@ def _cpu(stat: Path) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def py_spy() -> str | None:
+    """The py-spy executable (``BENCH_PROFILE``): on the PATH or next to this Python."""
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,8 +172,8 @@ class Proc(Sampled):
         super().__init__(name, self.popen.pid)
         self.spy: subprocess.Popen[bytes] | None = None
         out_dir = os.environ.get("BENCH_PROFILE")
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        if profile and out_dir and Path(spy).exists():
+        spy = py_spy()
+        if profile and out_dir and spy is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             # --idle: also the time threads spend waiting, so a blocking call shows up.
             idle = ["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []

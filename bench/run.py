@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from bench import data
 from bench.kafka import Topics, Watermarks, fast_producer, lateness_ms, preload, read_all, span
-from bench.procs import Proc, Receiver, Sampled, Stage, quantile_bound, wait_until
+from bench.procs import Proc, Receiver, Sampled, Stage, py_spy, quantile_bound, wait_until
 from bench.report import SEED_CEILING_TRADES_PER_S, Row, render
 from consumer import headers as h
 from consumer.broker import kafka_cluster
@@ -769,6 +769,13 @@ def main() -> int:
         client = None
     if not isinstance(client, dict):
         sys.stderr.write('BENCH_KAFKA_CLIENT must be a JSON object, e.g. {"linger.ms": 10}\n')
+        return 2
+    if os.environ.get("BENCH_PROFILE") and py_spy() is None:
+        # A profile asked for and silently not taken would cost a whole run.
+        sys.stderr.write(
+            "BENCH_PROFILE needs py-spy, which is not a dependency of the project: "
+            ".venv/bin/pip install py-spy\n"
+        )
         return 2
     only = {s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()}
     unknown = only - set(SCENARIOS)
