@@ -274,20 +274,23 @@ class Stage(Proc):
         return total if found else None
 
     def buckets(self, name: str, match: str = "") -> dict[float, float]:
-        """A histogram's cumulative bucket counts by upper bound (``+Inf`` as infinity), from
-        the samples whose labels contain ``match``."""
+        """A histogram of ``/metrics`` (see :func:`parse_buckets`); empty if it cannot be read."""
         status, text = self._get("/metrics")
-        out: dict[float, float] = {}
-        if status != 200:
-            return out
-        prefix = f"{name}_bucket{{"
-        for line in text.splitlines():
-            if line.startswith(prefix) and match in line:
-                labels, value = line.rsplit(" ", 1)
-                bound = labels.split('le="', 1)[1].split('"', 1)[0]
-                key = float("inf") if bound == "+Inf" else float(bound)
-                out[key] = out.get(key, 0.0) + float(value)
-        return out
+        return parse_buckets(text, name, match) if status == 200 else {}
+
+
+def parse_buckets(text: str, name: str, match: str = "") -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper bound (``+Inf`` as infinity), summed over
+    the samples whose labels contain ``match``, from Prometheus text."""
+    out: dict[float, float] = {}
+    prefix = f"{name}_bucket{{"
+    for line in text.splitlines():
+        if line.startswith(prefix) and match in line:
+            labels, value = line.rsplit(" ", 1)
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            key = float("inf") if bound == "+Inf" else float(bound)
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> float | None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import time
 
-from bench.procs import Sampled
+import pytest
+
+from bench.procs import Sampled, parse_buckets, quantile_bound
 
 
 def test_cpu_share_of_a_process_by_pid_matches_its_cpu_time() -> None:
@@ -32,3 +34,55 @@ def test_an_unknown_pid_gives_no_share_rather_than_an_error() -> None:
     gone.sample()
     assert gone.samples == []
     assert gone.cpu_share(0, 1000) is None
+
+
+_METRICS = """\
+# HELP auto_trace_lateness_seconds The T+X promise
+# TYPE auto_trace_lateness_seconds histogram
+auto_trace_lateness_seconds_bucket{adapter="",le="0.01",stage="release"} 40.0
+auto_trace_lateness_seconds_bucket{adapter="",le="0.1",stage="release"} 98.0
+auto_trace_lateness_seconds_bucket{adapter="",le="+Inf",stage="release"} 100.0
+auto_trace_lateness_seconds_bucket{adapter="hook",le="0.01",stage="sink"} 1.0
+auto_trace_lateness_seconds_bucket{adapter="hook",le="0.1",stage="sink"} 1.0
+auto_trace_lateness_seconds_bucket{adapter="hook",le="+Inf",stage="sink"} 1.0
+auto_trace_lateness_seconds_count{adapter="",stage="release"} 100.0
+"""
+
+
+def test_parse_buckets_reads_one_stage_of_a_histogram() -> None:
+    assert parse_buckets(_METRICS, "auto_trace_lateness_seconds", 'stage="release"') == {
+        0.01: 40.0,
+        0.1: 98.0,
+        float("inf"): 100.0,
+    }
+    everything = parse_buckets(_METRICS, "auto_trace_lateness_seconds")
+    assert everything[float("inf")] == 101.0
+    assert parse_buckets(_METRICS, "auto_trace_other") == {}
+
+
+def test_quantile_bound_counts_only_what_was_observed_between_two_readings() -> None:
+    before = {0.01: 40.0, 0.1: 98.0, float("inf"): 100.0}
+    # Since then: 10 more within 10 ms, 80 more within 100 ms, 10 beyond.
+    after = {0.01: 50.0, 0.1: 188.0, float("inf"): 200.0}
+    assert quantile_bound(before, after, 0.1) == 0.01
+    assert quantile_bound(before, after, 0.5) == 0.1
+    assert quantile_bound(before, after, 0.94) == float("inf")
+    # Read over the whole histogram instead, p94 would wrongly fall within 100 ms (188 of 200).
+    assert quantile_bound({}, after, 0.94) == 0.1
+    assert quantile_bound(after, after, 0.5) is None
+
+
+def test_a_profile_asked_for_without_py_spy_stops_the_run_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bench.run
+
+    monkeypatch.setenv("BENCH_PROFILE", "/tmp/profiles")
+    monkeypatch.setattr(bench.run, "py_spy", lambda: None)
+
+    def no_broker() -> None:
+        raise AssertionError("the broker was started")
+
+    monkeypatch.setattr(bench.run, "kafka_cluster", no_broker)
+    assert bench.run.main() == 2
+    assert "pip install py-spy" in capsys.readouterr().err
