@@ -282,10 +282,10 @@ def r1(ctx: Ctx) -> None:
     ingested = span(ctx.bootstrap, delay_topic(settings))
     ingest_rate = ingested.rate(count)
     ingest_cpu = ingest.cpu_share(ingested.first_ms, ingested.last_ms)
+    broker = ctx.broker_cpu(ingested.first_ms, ingested.last_ms)
     ctx.say(
         f"ingest: {_fmt(ingest_rate)} records/s (cpu {_pct(ingest_cpu)}: "
-        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)}"
-        f"{ctx.broker_cpu(ingested.first_ms, ingested.last_ms)})"
+        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)}{broker})"
     )
     second = _passthrough(ctx, cfg_path, source, count, 2)
     pass_rate = (first + second) / 2
@@ -296,8 +296,7 @@ def r1(ctx: Ctx) -> None:
             ingest_rate / pass_rate,
             key="r1",
             inputs=(
-                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}"
-                f"{ctx.broker_cpu(ingested.first_ms, ingested.last_ms)}), passthrough "
+                f"ingest {_fmt(ingest_rate)}/s (cpu {_pct(ingest_cpu)}{broker}), passthrough "
                 f"{_fmt(pass_rate)}/s (mean of {_fmt(first)} before and {_fmt(second)} after); "
                 f"{count:,} trade.closed JSON records, mean {size:.0f} B, {PARTITIONS} "
                 f"partitions, one process each; ingest fast path: {_fast_path(ingest)}"
@@ -554,11 +553,12 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
     ctx.stop(sink)
     cpu_s = sink.cpu_share(stats["first_ms"], stats["last_ok_ms"])
     cpu_rx = receiver.cpu_share(stats["first_ms"], stats["last_ok_ms"])
+    broker = ctx.broker_cpu(stats["first_ms"], stats["last_ok_ms"])
     ctx.rates["sink"] = rate
     ctx.say(
         f"sink: {_fmt(rate)} deliveries/s (cpu {_pct(cpu_s)}: "
         f"{_threads(sink, stats['first_ms'], stats['last_ok_ms'])}; receiver {_pct(cpu_rx)}"
-        f"{ctx.broker_cpu(stats['first_ms'], stats['last_ok_ms'])})"
+        f"{broker})"
     )
     if stats["distinct_ok"] != count:
         ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
@@ -571,8 +571,7 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
             rate / aio,
             key="r4",
             inputs=(
-                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}"
-                f"{ctx.broker_cpu(stats['first_ms'], stats['last_ok_ms'])}), raw "
+                f"sink {_fmt(rate)}/s (cpu {_pct(cpu_s)}, receiver {_pct(cpu_rx)}{broker}), raw "
                 f"aiohttp {_fmt(aio)}/s (mean of {_fmt(before.rate)} before and "
                 f"{_fmt(after.rate)} after; cpu {_pct(before.cpu)}, receiver "
                 f"{_pct(before.receiver_cpu)}); {count:,} POSTs of {body_size:.0f} B, "

@@ -68,12 +68,23 @@ def make_producer(settings: Settings, **extra: Any) -> Producer:
 RELEASE_PRODUCER_DEFAULTS: dict[str, Any] = {"linger.ms": 5}
 
 
-def make_release_producer(settings: Settings, **extra: Any) -> Producer:
-    conf = producer_config(settings, **extra)
-    for key, value in RELEASE_PRODUCER_DEFAULTS.items():
+def _stage_defaults(
+    conf: dict[str, Any], defaults: dict[str, Any], settings: Settings, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A stage's own defaults, under whatever the user (``kafka.client``) or caller set."""
+    for key, value in defaults.items():
         if key not in settings.kafka.client and key not in extra:
             conf[key] = value
-    return Producer(conf)
+    return conf
+
+
+def release_producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    conf = producer_config(settings, **extra)
+    return _stage_defaults(conf, RELEASE_PRODUCER_DEFAULTS, settings, extra)
+
+
+def make_release_producer(settings: Settings, **extra: Any) -> Producer:
+    return Producer(release_producer_config(settings, **extra))
 
 
 #: For delayed topics: after a held partition is resumed, its next fetch waits for the fetch
@@ -101,10 +112,10 @@ DELAYED_DEFAULTS: dict[str, int] = {
 }
 
 
-def make_consumer(settings: Settings, group: str, *, delayed: bool = False) -> Consumer:
+def stage_consumer_config(settings: Settings, group: str, *, delayed: bool) -> dict[str, Any]:
     conf = consumer_config(settings, group)
-    if delayed:
-        for key, value in DELAYED_DEFAULTS.items():
-            if key not in settings.kafka.client:
-                conf[key] = value
-    return Consumer(conf)
+    return _stage_defaults(conf, DELAYED_DEFAULTS, settings, {}) if delayed else conf
+
+
+def make_consumer(settings: Settings, group: str, *, delayed: bool = False) -> Consumer:
+    return Consumer(stage_consumer_config(settings, group, delayed=delayed))

@@ -1,0 +1,45 @@
+"""The client settings each stage chooses for itself, and that a user's ``kafka.client`` value
+wins over them while the guarantee-critical ones win over the user (README "Configuration")."""
+
+from __future__ import annotations
+
+from consumer.clients import (
+    DELAYED_DEFAULTS,
+    RELEASE_PRODUCER_DEFAULTS,
+    release_producer_config,
+    stage_consumer_config,
+)
+from consumer.config import Settings, load_settings
+
+
+def _settings(client: dict[str, str | int | float | bool]) -> Settings:
+    settings = load_settings()
+    return settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"client": client})}
+    )
+
+
+def test_delayed_consumers_get_the_small_prefetch_and_others_librdkafkas_defaults() -> None:
+    settings = _settings({})
+    delayed = stage_consumer_config(settings, "g", delayed=True)
+    for key, value in DELAYED_DEFAULTS.items():
+        assert delayed[key] == value, key
+    plain = stage_consumer_config(settings, "g", delayed=False)
+    assert not set(DELAYED_DEFAULTS) & set(plain)
+
+
+def test_a_users_client_value_wins_over_a_stage_default_but_not_over_a_guarantee() -> None:
+    settings = _settings(
+        {"max.partition.fetch.bytes": 1_048_576, "linger.ms": 50, "enable.auto.offset.store": True}
+    )
+    consumer = stage_consumer_config(settings, "g", delayed=True)
+    assert consumer["max.partition.fetch.bytes"] == 1_048_576
+    assert consumer["fetch.wait.max.ms"] == DELAYED_DEFAULTS["fetch.wait.max.ms"]
+    assert consumer["enable.auto.offset.store"] is False
+    assert release_producer_config(settings)["linger.ms"] == 50
+
+
+def test_release_lingers_by_its_own_default_unless_told_otherwise() -> None:
+    settings = _settings({})
+    assert release_producer_config(settings)["linger.ms"] == RELEASE_PRODUCER_DEFAULTS["linger.ms"]
+    assert release_producer_config(settings, **{"linger.ms": 0})["linger.ms"] == 0
