@@ -64,6 +64,9 @@ def format_duration(value: timedelta) -> str:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Visible Latin-1 with inner spaces or tabs; empty is allowed.
+_HEADER_VALUE = re.compile(r"(?:[!-~\xa0-\xff](?:[ \t!-~\xa0-\xff]*[!-~\xa0-\xff])?)?")
 
 
 class _Section(BaseModel):
@@ -231,6 +234,21 @@ class WebhookAdapterSettings(_AdapterBase):
     secrets: list[SecretRef] = Field(min_length=1)
     #: Extra request headers (not secret: they are logged in config dumps).
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Checked here, not when a request is written: a line break in a value would end the
+        # header early and let the rest be read as headers or a body of its own.
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (RFC 9110 token)")
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"the value of {name!r} must be printable Latin-1 on one line, without "
+                    "leading or trailing spaces"
+                )
+        return headers
 
 
 class TrackerAdapterSettings(_AdapterBase):

@@ -15,7 +15,7 @@ from decimal import Decimal
 from functools import cache
 from json.encoder import encode_basestring as _encode_string
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import fastavro
 
@@ -107,6 +107,8 @@ def to_json_dict(record: dict[str, Any]) -> dict[str, Any]:
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: A ``str`` as JSON text, quoted and escaped exactly as the encoder above writes it.
+json_string: Final = _encode_string
 
 #: ``"key":`` as the encoder above writes it, per key seen; bounded, as keys come from data.
 _KEY_TEXT: dict[str, str] = {}

@@ -11,24 +11,106 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
+from consumer.records import to_json_bytes
+from consumer.tracecodec import decode_trace
+from consumer.trade import epoch_ms
 
-@dataclass(frozen=True, slots=True)
+
 class Delivery:
-    """One record to deliver, with what a receiver needs to verify and deduplicate it."""
+    """One record to deliver, with what a receiver needs to verify and deduplicate it.
 
-    #: The decoded TraceRecord (Decimal, datetime and str values): PII-free by schema.
-    record: dict[str, Any]
-    #: Stable for this trade and adapter across retries and replays (``webhook-id``).
-    idempotency_key: str
-    #: 1 for the first attempt.
-    attempt: int
-    #: close_time + window, epoch ms.
-    due_ms: int
-    #: Where the sink worker consumed it: (topic, partition, offset). Files are named by it.
-    source: tuple[str, int, int] = ("", 0, 0)
+    Built from a record (``Delivery(record, ...)``) or, by the sink worker, from the record's
+    TraceRecord bytes and its JSON (:meth:`from_trace`): then the record itself is decoded only
+    if an adapter asks for it, since the webhook and file adapters need just the JSON, and
+    decoding to Decimal and datetime objects was a large part of a delivery's CPU.
+    """
+
+    __slots__ = (
+        "_body",
+        "_close_ms",
+        "_record",
+        "_trace",
+        "attempt",
+        "due_ms",
+        "idempotency_key",
+        "source",
+    )
+
+    def __init__(
+        self,
+        record: dict[str, Any],
+        idempotency_key: str,
+        attempt: int,
+        due_ms: int,
+        source: tuple[str, int, int] = ("", 0, 0),
+    ) -> None:
+        self._record: dict[str, Any] | None = record
+        self._trace: bytes | None = None
+        self._body: bytes | None = None
+        self._close_ms: int | None = None
+        #: Stable for this trade and adapter across retries and replays (``webhook-id``).
+        self.idempotency_key = idempotency_key
+        #: 1 for the first attempt.
+        self.attempt = attempt
+        #: close_time + window, epoch ms.
+        self.due_ms = due_ms
+        #: Where the sink worker consumed it: (topic, partition, offset). Files are named by it.
+        self.source = source
+
+    @classmethod
+    def from_trace(
+        cls,
+        trace: bytes,
+        body: bytes,
+        close_ms: int,
+        idempotency_key: str,
+        attempt: int,
+        due_ms: int,
+        source: tuple[str, int, int] = ("", 0, 0),
+    ) -> Delivery:
+        """``trace``: valid TraceRecord bytes; ``body`` and ``close_ms``: their JSON and close
+        time, as :func:`consumer.tracecodec.transcode_trace` gives them."""
+        delivery = cls({}, idempotency_key, attempt, due_ms, source)
+        delivery._record, delivery._trace, delivery._body = None, trace, body
+        delivery._close_ms = close_ms
+        return delivery
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The TraceRecord (Decimal, datetime and str values): PII-free by schema."""
+        if self._record is None:
+            assert self._trace is not None
+            self._record = decode_trace(self._trace)
+        return self._record
+
+    @property
+    def close_ms(self) -> int:
+        """The trade's close time, epoch ms."""
+        if self._close_ms is None:
+            self._close_ms = epoch_ms(self.record["close_time"])
+        return self._close_ms
+
+    def json_body(self) -> bytes:
+        """The record as receivers get it (``to_json_bytes``): the webhook body, a file line."""
+        if self._body is None:
+            self._body = to_json_bytes(self.record)
+        return self._body
+
+    def with_attempt(self, attempt: int) -> Delivery:
+        """The same delivery counted as attempt ``attempt``."""
+        copy = Delivery.__new__(Delivery)
+        for name in Delivery.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.attempt = attempt
+        return copy
+
+    def __repr__(self) -> str:
+        return (
+            f"Delivery(idempotency_key={self.idempotency_key!r}, attempt={self.attempt}, "
+            f"due_ms={self.due_ms}, source={self.source!r})"
+        )
 
 
 class Adapter(abc.ABC):

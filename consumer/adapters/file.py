@@ -54,7 +54,7 @@ import os
 import re
 import uuid
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -67,7 +67,6 @@ from consumer.adapters.base import BatchAdapter, Delivery
 from consumer.config import FileAdapterSettings, SecretRef
 from consumer.errors import AdapterUnavailable, ConfigError, DeliveryError
 from consumer.log import get_logger
-from consumer.records import to_json_bytes
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -391,7 +390,7 @@ class FileAdapter(BatchAdapter):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         topic, partition, offset = delivery.source
-        line = to_json_bytes(delivery.record) + b"\n"
+        line = delivery.json_body() + b"\n"
         day = close_date(delivery.record)
         if delivery.attempt > 1:
             # From a retry tier: its own object at once (deterministic: named by its position).
@@ -417,7 +416,7 @@ class FileAdapter(BatchAdapter):
         if batch is None:
             # Not from a batch we know (it was forgotten, or never appended): its own object,
             # named by its position, so that a replay would write it the same way.
-            await self.append(replace(delivery, attempt=max(2, delivery.attempt)))
+            await self.append(delivery.with_attempt(max(2, delivery.attempt)))
             return
         if batch.state == "failed":
             self._seal(batch)

@@ -4,10 +4,12 @@ Receivers verify us with any Standard Webhooks library (https://www.standardwebh
 ``webhook-id`` is the delivery's idempotency key, so it is also what they deduplicate on, and it
 is repeated as ``Idempotency-Key`` for receivers that only know that convention.
 
-The default transport is a plain aiohttp session: httpx's own connection pool slows down as
-concurrency grows (FACTS.md), and even httpx's API over an aiohttp transport cost more than
-twice the CPU per request of aiohttp itself (``make bench`` R4), which is the sink worker's
-ceiling. ``transport="httpx"`` keeps a plain httpx client for comparison.
+The default transport is :mod:`consumer.adapters.http1`, a small keep-alive HTTP/1.1 client for
+the one origin the adapter posts to: the sink worker is CPU-bound, and an aiohttp POST cost
+five to six times its CPU (FACTS.md, ``make bench`` R4). When a proxy applies to the URL the
+adapter posts through an aiohttp session instead, which knows proxies. httpx's own connection
+pool slows down as concurrency grows (FACTS.md): ``transport="httpx"`` keeps a plain httpx
+client, and ``transport="aiohttp"`` an aiohttp session, for comparison.
 
 Every error message here ends up in a dead-letter header and a log line, so it says what kind
 of failure happened and nothing else: no URL (it may carry a token), no response body, no
@@ -22,6 +24,7 @@ import binascii
 import hashlib
 import hmac
 import re
+import ssl
 import time
 import urllib.request
 from datetime import UTC
@@ -32,16 +35,19 @@ import aiohttp
 import httpx
 import yarl
 
+from consumer import __version__
+from consumer.adapters import http1
 from consumer.adapters.base import Adapter, Delivery
 from consumer.config import SecretRef, WebhookAdapterSettings, format_duration
 from consumer.deadline import Deadlines
 from consumer.errors import ConfigError, FatalDeliveryError, RetriableDeliveryError
-from consumer.records import to_json_bytes
 
-Transport = Literal["aiohttp", "httpx"]
+Transport = Literal["builtin", "aiohttp", "httpx"]
 
 #: The transport used when the caller does not choose one (see the module docstring).
-DEFAULT_TRANSPORT: Final[Transport] = "aiohttp"
+DEFAULT_TRANSPORT: Final[Transport] = "builtin"
+
+USER_AGENT: Final = f"auto-trace/{__version__}"
 
 #: Statuses that say "not now" rather than "never": the record goes to a retry tier.
 RETRIABLE_STATUSES: Final = frozenset({408, 425, 429})
@@ -130,12 +136,28 @@ class WebhookAdapter(Adapter):
                 "configured"
             )
         self._extra_headers = dict(settings.headers)
+        # The builtin transport writes every request from this head, built once: request line,
+        # Host, and the headers that are the same on every request.
+        fixed = {
+            "Host": self._url.netloc.decode("ascii"),
+            "User-Agent": USER_AGENT,
+            **self._extra_headers,
+            **self._aio_auth,
+            "Content-Type": "application/json",
+        }
+        self._head = (
+            b"POST "
+            + self._url.raw_path
+            + b" HTTP/1.1\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
+        )
         self._timeout = settings.timeout.total_seconds()
         self._deadlines = Deadlines(self._timeout)
         self._timeout_text = format_duration(settings.timeout)
         self._concurrency = settings.concurrency
         self._transport: Transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._pool: http1.Http1Pool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._proxy: yarl.URL | None = None
         self._proxy_headers: dict[str, str] = {}
@@ -168,9 +190,21 @@ class WebhookAdapter(Adapter):
         return " ".join(signatures)
 
     async def start(self) -> None:
-        if self._client is not None or self._session is not None:
+        if self._client is not None or self._session is not None or self._pool is not None:
             return
-        if self._transport == "aiohttp":
+        if self._transport == "builtin":
+            self._resolve_proxy()
+            if self._proxy is None:
+                https = self._url.scheme == "https"
+                self._pool = http1.Http1Pool(
+                    self._url.raw_host.decode("ascii"),  # IDNA-encoded, IPv6 without brackets
+                    self._url.port or (443 if https else 80),
+                    limit=self._concurrency,
+                    ssl_context=ssl.create_default_context() if https else None,
+                )
+                return
+            # Proxies are aiohttp's job (the builtin client speaks to one origin directly).
+        if self._transport != "httpx":
             self._resolve_proxy()
             # No session timeout: deliver() bounds each whole call itself. No trust_env: it
             # re-reads the environment and parses ~/.netrc on every request (~0.3 ms of CPU
@@ -209,6 +243,9 @@ class WebhookAdapter(Adapter):
         self._proxy = yarl.URL(str(url.copy_with(userinfo=b"")), encoded=True)
 
     async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -217,33 +254,46 @@ class WebhookAdapter(Adapter):
             await session.close()
 
     async def deliver(self, delivery: Delivery) -> None:
-        if self._client is None and self._session is None:
+        if self._client is None and self._session is None and self._pool is None:
             raise RuntimeError("WebhookAdapter.start() must be awaited before deliver()")
-        body = to_json_bytes(delivery.record)
+        body = delivery.json_body()
         msg_id = delivery.idempotency_key
         timestamp = int(time.time())
-        headers = {
-            **self._extra_headers,
-            "Content-Type": "application/json",
-            "Idempotency-Key": msg_id,
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": self.sign(msg_id, timestamp, body),
-        }
-        # httpx's timeout is per phase (connect, each read, ...); this bounds the whole call,
-        # so a receiver trickling bytes cannot hold a worker slot forever.
+        signature = self.sign(msg_id, timestamp, body)
+        # Bounds the whole call (httpx's timeout is per phase: connect, each read, ...), so a
+        # receiver trickling bytes cannot hold a worker slot forever.
         task = self._deadlines.start()
         try:
-            if self._session is not None:
-                status, retry_after = await self._post_aiohttp(self._session, body, headers)
+            if self._pool is not None:
+                status, retry_after = await self._post_builtin(
+                    self._pool, body, msg_id, timestamp, signature
+                )
             else:
-                assert self._client is not None
-                status, retry_after = await self._post(self._client, body, headers)
+                headers = {
+                    **self._extra_headers,
+                    "User-Agent": USER_AGENT,
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": msg_id,
+                    "webhook-id": msg_id,
+                    "webhook-timestamp": str(timestamp),
+                    "webhook-signature": signature,
+                }
+                if self._session is not None:
+                    status, retry_after = await self._post_aiohttp(self._session, body, headers)
+                else:
+                    assert self._client is not None
+                    status, retry_after = await self._post(self._client, body, headers)
         except asyncio.CancelledError:
             if self._deadlines.expired(task):
                 raise RetriableDeliveryError(f"timeout after {self._timeout_text}") from None
             raise
-        except (TimeoutError, httpx.RequestError, aiohttp.ClientError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            http1.HttpError,
+            httpx.RequestError,
+            aiohttp.ClientError,
+        ) as exc:
             raise self._transport_failure(exc) from exc
         finally:
             self._deadlines.end(task)
@@ -253,6 +303,18 @@ class WebhookAdapter(Adapter):
         if status in RETRIABLE_STATUSES or 500 <= status < 600:
             raise RetriableDeliveryError(message, retry_after=parse_retry_after(retry_after))
         raise FatalDeliveryError(message)
+
+    async def _post_builtin(
+        self, pool: http1.Http1Pool, body: bytes, msg_id: str, timestamp: int, signature: str
+    ) -> tuple[int, str | None]:
+        # Every value here is ASCII the adapter made itself (the id, digits, base64).
+        head = (
+            f"Content-Length: {len(body)}\r\nIdempotency-Key: {msg_id}\r\nwebhook-id: {msg_id}"
+            f"\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: {signature}\r\n\r\n"
+        )
+        response = await pool.request(self._head + head.encode() + body)
+        retry_after = response.headers.get(b"retry-after")
+        return response.status, None if retry_after is None else retry_after.decode("latin-1")
 
     async def _post(
         self, client: httpx.AsyncClient, body: bytes, headers: dict[str, str]

@@ -1,5 +1,5 @@
 """The sink's TraceRecord reader against fastavro, and the JSON renderer's fast time path
-against the strftime rendering it replaced."""
+against the strftime rendering it replaced, and the one-pass JSON transcoder against both."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from consumer import headers as h
 from consumer import records, tracecodec
+from consumer.adapters.base import Delivery
 from consumer.records import TRACE_RECORD_SCHEMA, encode_trace, schemas_dir
 from consumer.samples import sample_trade
 from consumer.trade import project, validate_trade
@@ -208,3 +209,124 @@ def test_get_ints_reads_as_get_int(raw: list[tuple[str, Any]]) -> None:
     as_dict = dict(raw)
     assert h.get_ints(as_dict, "a", "b") == [h.get_int(as_dict, n) for n in ("a", "b")]
     assert h.get_ints(None, "a") == [None]
+
+
+# -- transcode_trace: the JSON in one pass -------------------------------------------------------
+
+
+def _slow(data: bytes) -> tuple[bytes, str, int]:
+    record = tracecodec.decode_trace(data)
+    close = (record["close_time"] - _EPOCH) // timedelta(milliseconds=1)
+    return records.to_json_bytes(record), record["trade_id"], close
+
+
+@settings(max_examples=300, deadline=None)
+@given(trace_records)
+def test_transcodes_exactly_as_decode_then_render(record: dict[str, Any]) -> None:
+    data = encode_trace(record)
+    assert tracecodec.transcode_trace(data) == _slow(data)
+    # Again: the second time the times and decimals come from the renderer's caches.
+    assert tracecodec.transcode_trace(data) == _slow(data)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(1000, 1, 1, tzinfo=UTC),  # first minute written in one pass
+        datetime(999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC),  # the general path
+        datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 1000, tzinfo=UTC),  # before the epoch
+        datetime(2028, 2, 29, 12, 0, tzinfo=UTC),
+    ],
+)
+def test_transcodes_the_edges_of_time_as_the_renderer(when: datetime) -> None:
+    record = validate_record_with(open_time=when, close_time=when)
+    data = encode_trace(record)
+    assert tracecodec.transcode_trace(data) == _slow(data)
+
+
+def validate_record_with(**values: Any) -> dict[str, Any]:
+    record = project(validate_trade(sample_trade(1, seed=1)))
+    record.update(values)
+    return record
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_realistic_records_transcode_as_they_render(seed: int) -> None:
+    data = encode_trace(project(validate_trade(sample_trade(seed, seed=seed))))
+    body, trade_id, close_ms = tracecodec.transcode_trace(data)
+    record = tracecodec.decode_trace(data)
+    assert body == records.to_json_bytes(record) == _reference_json(record)
+    assert trade_id == record["trade_id"]
+    assert close_ms == int(record["close_time"].timestamp() * 1000)
+
+
+@settings(max_examples=150, deadline=None)
+@given(trace_records, st.data())
+def test_truncated_records_are_refused_by_the_transcoder(
+    record: dict[str, Any], data: st.DataObject
+) -> None:
+    encoded = encode_trace(record)
+    cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
+    with pytest.raises(ValueError):
+        tracecodec.transcode_trace(encoded[:cut])
+
+
+def _zigzag(n: int) -> bytes:
+    """An Avro long."""
+    value = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_corrupt_and_out_of_range_bytes_are_value_errors_for_both_readers() -> None:
+    sentinel = datetime(2033, 5, 18, 3, 33, 20, 123_000, tzinfo=UTC)
+    data = encode_trace(validate_record_with(open_time=sentinel, close_time=sentinel))
+    sentinel_ms = (sentinel - _EPOCH) // timedelta(milliseconds=1)
+    assert data.count(_zigzag(sentinel_ms)) == 2
+    beyond_9999 = data.replace(_zigzag(sentinel_ms), _zigzag(2**60))
+    for corrupt in [
+        b"",
+        b"\x01",
+        b"\x00\x00\x04",
+        b"\x00\x00\x00\x00\x00\x3e" + b"\x7f" * 31,
+        b"\x02\xff",
+        beyond_9999,
+    ]:
+        with pytest.raises(ValueError):
+            tracecodec.decode_trace(corrupt)
+        with pytest.raises(ValueError):
+            tracecodec.transcode_trace(corrupt)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_transcode_as_they_decode_or_are_a_value_error(blob: bytes) -> None:
+    try:
+        expected = _slow(blob)
+    except ValueError:
+        with pytest.raises(ValueError):
+            tracecodec.transcode_trace(blob)
+        return
+    assert tracecodec.transcode_trace(blob) == expected
+
+
+def test_a_delivery_from_trace_bytes_decodes_its_record_only_when_asked() -> None:
+    record = validate_record_with()
+    data = encode_trace(record)
+    body, trade_id, close_ms = tracecodec.transcode_trace(data)
+    delivery = Delivery.from_trace(data, body, close_ms, "at_x", 2, 5, ("t", 1, 9))
+    assert delivery._record is None  # the webhook path never needs it
+    assert delivery.json_body() is body and delivery.close_ms == close_ms
+    _same(delivery.record, tracecodec.decode_trace(data))
+    again = delivery.with_attempt(3)
+    assert (again.attempt, delivery.attempt) == (3, 2)
+    assert again.json_body() is body and again.source == ("t", 1, 9)
+    # Built from a record, the JSON and close time come from it.
+    plain = Delivery(tracecodec.decode_trace(data), "at_x", 1, 5)
+    assert plain.json_body() == body and plain.close_ms == close_ms
+    assert trade_id not in repr(plain)

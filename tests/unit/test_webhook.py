@@ -1,4 +1,4 @@
-"""The webhook adapter against a real HTTP receiver on loopback, over both transports."""
+"""The webhook adapter against a real HTTP receiver on loopback, over each transport."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody-else-s-signing-key-0000").
 URL_TOKEN = "tok-8f3a9c2e71"
 BODY_MARK = "receiver-said-something-private"
 
-TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["builtin", "aiohttp", "httpx"])
 
 
 def trace_record() -> dict[str, Any]:
@@ -107,7 +107,7 @@ def make_settings(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def run(
-    settings: WebhookAdapterSettings, *deliveries: Delivery, transport: str = "aiohttp"
+    settings: WebhookAdapterSettings, *deliveries: Delivery, transport: str = "builtin"
 ) -> list[DeliveryError | None]:
     """Deliver each in turn through one adapter; the outcome of each (None: delivered)."""
 
