@@ -192,23 +192,21 @@ class WebhookAdapter(Adapter):
     async def start(self) -> None:
         if self._client is not None or self._session is not None or self._pool is not None:
             return
-        if self._transport == "builtin":
-            self._resolve_proxy()
-            if self._proxy is None:
-                https = self._url.scheme == "https"
-                self._pool = http1.Http1Pool(
-                    self._url.raw_host.decode("ascii"),  # IDNA-encoded, IPv6 without brackets
-                    self._url.port or (443 if https else 80),
-                    limit=self._concurrency,
-                    ssl_context=ssl.create_default_context() if https else None,
-                )
-                return
-            # Proxies are aiohttp's job (the builtin client speaks to one origin directly).
         if self._transport != "httpx":
             self._resolve_proxy()
-            # No session timeout: deliver() bounds each whole call itself. No trust_env: it
-            # re-reads the environment and parses ~/.netrc on every request (~0.3 ms of CPU
-            # each, measured), so the proxy is resolved once, above.
+        if self._transport == "builtin" and self._proxy is None:
+            https = self._url.scheme == "https"
+            self._pool = http1.Http1Pool(
+                self._url.raw_host.decode("ascii"),  # IDNA-encoded, IPv6 without brackets
+                self._url.port or (443 if https else 80),
+                limit=self._concurrency,
+                ssl_context=ssl.create_default_context() if https else None,
+            )
+        elif self._transport != "httpx":
+            # aiohttp, chosen or because a proxy applies (the builtin client only speaks to
+            # the origin directly). No session timeout: deliver() bounds each whole call
+            # itself. No trust_env: it re-reads the environment and parses ~/.netrc on every
+            # request (~0.3 ms of CPU each, measured), so the proxy is resolved once, above.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._concurrency),
                 timeout=aiohttp.ClientTimeout(total=None),

@@ -93,6 +93,16 @@ def test_environment_overrides_the_file_and_keeps_the_rest(
             "adapters.0.webhook.name",
         ),
         ("input: {format: avro-confluent}", "input"),
+        (
+            "adapters: [{name: h, type: webhook, url: 'http://x', secrets: [{env: A}], "
+            'headers: {"X-Team": "a\\r\\nX-Injected: 1"}}]',
+            "adapters.0.webhook.headers",
+        ),
+        (
+            "adapters: [{name: h, type: webhook, url: 'http://x', secrets: [{env: A}], "
+            'headers: {"X Team": "a"}}]',
+            "adapters.0.webhook.headers",
+        ),
     ],
 )
 def test_a_bad_setting_names_its_field(

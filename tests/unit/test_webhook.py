@@ -427,6 +427,31 @@ def test_receiver_runs_as_a_process_printing_json_lines(monkeypatch: pytest.Monk
     assert lines[0]["verified"] is False  # unsigned
 
 
+@TRANSPORTS
+def test_path_and_query_are_sent_byte_for_byte_over_one_kept_alive_connection(
+    make_settings: Any, transport: str
+) -> None:
+    with WebhookReceiver() as receiver:
+        url = receiver.url + "/a%20b/c?token=t%2Fk&x=1"
+        assert run(make_settings(url), delivery(), delivery(2), transport=transport) == [None, None]
+        first, second = receiver.received
+    assert first.path == second.path == "/webhook/a%20b/c?token=t%2Fk&x=1"
+    assert first.peer == second.peer  # the second request reused the first one's connection
+    assert first.headers["host"] == receiver.url.split("/")[2]
+    assert first.headers["user-agent"].startswith("auto-trace/")
+    assert first.headers["content-length"] == str(len(first.body))
+
+
+def test_a_receiver_that_closes_after_each_answer_still_gets_every_delivery(
+    make_settings: Any,
+) -> None:
+    closing = Reply(200, headers={"Connection": "close"})
+    with WebhookReceiver(fail=lambda _: closing) as receiver:
+        outcomes = run(make_settings(receiver.url), *(delivery(i) for i in range(1, 4)))
+        assert outcomes == [None, None, None]
+        assert len({r.peer for r in receiver.received}) == 3
+
+
 # -- proxies -----------------------------------------------------------------------------------
 
 
