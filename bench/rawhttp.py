@@ -2,7 +2,7 @@
 sends, to the same receiver at the same concurrency, with a plain aiohttp session or a plain
 httpx client and nothing else (no Kafka, no decoding). Run as its own process:
 
-    python -m bench.rawhttp --client aiohttp|httpx --url URL --concurrency N BODIES_FILE
+    python -m bench.rawhttp --client aiohttp|httpx|builtin --url URL --concurrency N BODIES_FILE
 
 BODIES_FILE holds one delivery per line: ``<webhook-id> <json body>``. The receiver times the
 run (first to last arrival), as it does for the sink worker.
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+
+from consumer.adapters.http1 import Http1Pool
 
 Request = tuple[bytes, dict[str, str]]
 Post = Callable[[bytes, dict[str, str]], Awaitable[int]]
@@ -81,6 +83,24 @@ async def run_aiohttp(url: str, requests: list[Request], concurrency: int) -> in
         return await _drive(requests, concurrency, post)
 
 
+async def run_builtin(url: str, requests: list[Request], concurrency: int) -> int:
+    """The webhook adapter's own client (:mod:`consumer.adapters.http1`), requests written as
+    the adapter writes them: how much of R4 is the client, and how much the sink around it."""
+    target = httpx.URL(url)
+    client = Http1Pool(target.raw_host.decode(), target.port or 80, limit=concurrency)
+    head = b"POST " + target.raw_path + b" HTTP/1.1\r\nHost: " + target.netloc + b"\r\n"
+
+    async def post(body: bytes, headers: dict[str, str]) -> int:
+        fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        data = head + f"{fields}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        return (await client.request(data)).status
+
+    try:
+        return await _drive(requests, concurrency, post)
+    finally:
+        await client.close()
+
+
 async def run_httpx(url: str, requests: list[Request], concurrency: int) -> int:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -94,7 +114,7 @@ async def run_httpx(url: str, requests: list[Request], concurrency: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.rawhttp")
-    parser.add_argument("--client", choices=["aiohttp", "httpx"], required=True)
+    parser.add_argument("--client", choices=["aiohttp", "httpx", "builtin"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--limit", type=int, default=0, help="only the first N bodies")
@@ -103,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = load(args.bodies)
     if args.limit:
         requests = requests[: args.limit]
-    runner = run_aiohttp if args.client == "aiohttp" else run_httpx
+    runner = {"aiohttp": run_aiohttp, "httpx": run_httpx, "builtin": run_builtin}[args.client]
     errors = asyncio.run(runner(args.url, requests, args.concurrency))
     if errors:
         sys.stderr.write(f"{errors} requests were not answered 2xx\n")

@@ -533,8 +533,9 @@ def _raw(ctx: Ctx, receiver: Receiver, client: str, count: int, bodies: Path, ru
 
 
 def r4(ctx: Ctx, receiver: Receiver) -> None:
-    """Raw aiohttp, the sink worker, raw aiohttp again (the baseline is their mean), then raw
-    httpx on fewer bodies (it is an order of magnitude slower)."""
+    """Raw aiohttp, the sink worker, raw aiohttp again (the baseline is their mean), then the
+    webhook adapter's own client alone (how much of the ratio is the client), and raw httpx on
+    fewer bodies (it is an order of magnitude slower)."""
     count = ctx.n(10_000, 1_000)
     httpx_count = ctx.n(2_000, 500)
     cfg = ctx.config("r4", url=receiver.url)
@@ -563,6 +564,7 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
     if stats["distinct_ok"] != count:
         ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
     after = _raw(ctx, receiver, "aiohttp", count, bodies_path, 2)
+    own = _raw(ctx, receiver, "builtin", count, bodies_path, 1)
     hx = _raw(ctx, receiver, "httpx", httpx_count, bodies_path, 1)
     aio = (before.rate + after.rate) / 2
     ctx.rows += [
@@ -576,6 +578,15 @@ def r4(ctx: Ctx, receiver: Receiver) -> None:
                 f"{_fmt(after.rate)} after; cpu {_pct(before.cpu)}, receiver "
                 f"{_pct(before.receiver_cpu)}); {count:,} POSTs of {body_size:.0f} B, "
                 f"concurrency {CONCURRENCY}"
+            ),
+        ),
+        Row(
+            "R4  raw builtin client ÷ raw aiohttp",
+            own.rate / aio,
+            inputs=(
+                f"the webhook adapter's own HTTP/1.1 client alone {_fmt(own.rate)}/s "
+                f"(cpu {_pct(own.cpu)}, receiver {_pct(own.receiver_cpu)}); sink ÷ it "
+                f"{rate / own.rate:.2f}"
             ),
         ),
         Row(
