@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from consumer.adapters.http1 import BadResponse, Http1Pool, HttpError, RemoteClosed
+from consumer.adapters.http1 import BadResponse, Http1Pool, HttpError, Response
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -105,28 +107,59 @@ def answer_each(*answers: bytes) -> Handler:
     return handler
 
 
-def pool(server: Server, **kwargs: object) -> Http1Pool:
-    return Http1Pool("127.0.0.1", server.port, limit=int(kwargs.pop("limit", 4)), **kwargs)  # type: ignore[arg-type]
+def pool(
+    server: Server,
+    *,
+    limit: int = 4,
+    idle_timeout: float = 15.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Http1Pool:
+    return Http1Pool(
+        "127.0.0.1", server.port, limit=limit, idle_timeout=idle_timeout, ssl_context=ssl_context
+    )
 
 
 def go(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 20))
 
 
+@dataclass
+class Exchange:
+    """``count`` requests sent one after the other, and what came of each."""
+
+    outcomes: list[Response | Exception]
+    server: Server
+    client: Http1Pool
+
+    @property
+    def statuses(self) -> list[int | str]:
+        return [o.status if isinstance(o, Response) else type(o).__name__ for o in self.outcomes]
+
+
+def exchange(handler: Handler, count: int, *bodies: bytes, idle_timeout: float = 15.0) -> Exchange:
+    async def test() -> Exchange:
+        async with serving(handler) as server:
+            client = pool(server, idle_timeout=idle_timeout)
+            outcomes: list[Response | Exception] = []
+            for i in range(count):
+                try:
+                    outcomes.append(await client.request(request(*bodies[i : i + 1])))
+                except (HttpError, OSError) as exc:
+                    outcomes.append(exc)
+            await client.close()
+        return Exchange(outcomes, server, client)
+
+    return asyncio.run(asyncio.wait_for(test(), 20))
+
+
 # -- framing ------------------------------------------------------------------------------------
 
 
 def test_keep_alive_reuses_one_connection_for_sequential_requests() -> None:
-    async def test() -> None:
-        async with serving(answer_each(OK)) as server:
-            client = pool(server)
-            statuses = [(await client.request(request())).status for _ in range(5)]
-            await client.close()
-        assert statuses == [200] * 5
-        assert server.connections == 1 and client.opened == 1
-        assert server.requests[0].endswith(b'{"a":1}')
-
-    go(test)
+    done = exchange(answer_each(OK), 5)
+    assert done.statuses == [200] * 5
+    assert done.server.connections == 1 and done.client.opened == 1
+    assert done.server.requests[0].endswith(b'{"a":1}')
 
 
 def test_chunked_bodies_with_extensions_and_trailers_are_read_to_their_end() -> None:
@@ -134,32 +167,11 @@ def test_chunked_bodies_with_extensions_and_trailers_are_read_to_their_end() -> 
         b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\nRetry-After: 7\r\n\r\n"
         b"5;ext=1\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer-Field: t\r\n\r\n"
     )
-
-    async def test() -> None:
-        async with serving(answer_each(chunked, OK)) as server:
-            client = pool(server)
-            first = await client.request(request())
-            second = await client.request(request())
-            await client.close()
-        assert first.status == 202 and first.headers[b"retry-after"] == b"7"
-        # The chunked body was consumed exactly: the next answer on the connection parses.
-        assert second.status == 200
-        assert server.connections == 1
-
-    go(test)
-
-
-def test_chunked_data_longer_than_its_size_is_a_bad_response() -> None:
-    broken = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n"
-
-    async def test() -> None:
-        async with serving(answer_each(broken)) as server:
-            client = pool(server)
-            with pytest.raises(BadResponse, match="longer than its size"):
-                await client.request(request())
-            await client.close()
-
-    go(test)
+    done = exchange(answer_each(chunked, OK), 2)
+    # The chunked body was consumed exactly: the next answer on the connection parses.
+    assert done.statuses == [202, 200] and done.server.connections == 1
+    first = done.outcomes[0]
+    assert isinstance(first, Response) and first.headers[b"retry-after"] == b"7"
 
 
 def test_connection_close_and_http_1_0_answers_are_not_reused() -> None:
@@ -168,18 +180,9 @@ def test_connection_close_and_http_1_0_answers_are_not_reused() -> None:
         b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
     ]
-
-    async def test() -> None:
-        async with serving(answer_each(*answers)) as server:
-            client = pool(server)
-            for _ in range(3):
-                assert (await client.request(request())).status == 200
-            # Two closed by their answers; the third kept (HTTP/1.0 with keep-alive) and reused.
-            assert (await client.request(request())).status == 200
-            await client.close()
-        assert client.opened == 3
-
-    go(test)
+    done = exchange(answer_each(*answers), 4)
+    # Two closed by their answers; the third kept (HTTP/1.0 with keep-alive) and reused.
+    assert done.statuses == [200] * 4 and done.client.opened == 3
 
 
 def test_an_answer_without_length_is_read_until_the_server_closes() -> None:
@@ -190,57 +193,24 @@ def test_an_answer_without_length_is_read_until_the_server_closes() -> None:
         await writer.drain()
         writer.close()
 
-    async def test() -> None:
-        async with serving(handler) as server:
-            client = pool(server)
-            assert (await client.request(request())).status == 500
-            assert (await client.request(request())).status == 500
-            await client.close()
-        assert server.connections == 2
-
-    go(test)
+    done = exchange(handler, 2)
+    assert done.statuses == [500, 500] and done.server.connections == 2
 
 
-def test_interim_answers_are_skipped() -> None:
-    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
-
-    async def test() -> None:
-        async with serving(answer_each(interim + OK)) as server:
-            client = pool(server)
-            assert (await client.request(request())).status == 200
-            assert (await client.request(request())).status == 200
-            await client.close()
-        assert server.connections == 1
-
-    go(test)
-
-
-def test_no_body_statuses_need_no_length() -> None:
-    async def test() -> None:
-        no_body = b"HTTP/1.1 204 No Content\r\n\r\n"
-        async with serving(answer_each(no_body, OK)) as server:
-            client = pool(server)
-            assert (await client.request(request())).status == 204
-            assert (await client.request(request())).status == 200
-            await client.close()
-        assert server.connections == 1
-
-    go(test)
-
-
-def test_a_large_body_is_drained_with_reading_paused_and_resumed() -> None:
-    size = 3 * 1024 * 1024
-    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"z" * size
-
-    async def test() -> None:
-        async with serving(answer_each(big, OK)) as server:
-            client = pool(server)
-            assert (await client.request(request())).status == 200
-            assert (await client.request(request())).status == 200
-            await client.close()
-        assert server.connections == 1
-
-    go(test)
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # Interim answers (103 Early Hints, 100 Continue) come before the final one.
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n" + OK, 200),
+        # 204 and 304 carry no body, with or without a length.
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204),
+        # A body bigger than the read buffer's high-water mark: reading pauses and resumes.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 << 20) + b"z" * (3 << 20), 200),
+    ],
+)
+def test_answers_are_read_exactly_to_their_end(first: bytes, second: int) -> None:
+    done = exchange(answer_each(first, OK), 2)
+    assert done.statuses == [second, 200] and done.server.connections == 1
 
 
 @pytest.mark.parametrize(
@@ -253,20 +223,19 @@ def test_a_large_body_is_drained_with_reading_paused_and_resumed() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", "conflicting"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "not a number"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "hexadecimal"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            "longer than its size",
+        ),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", "longer than"),
     ],
 )
 def test_broken_answers_are_bad_responses(answer: bytes, message: str) -> None:
-    async def test() -> None:
-        async with serving(answer_each(answer)) as server:
-            client = pool(server)
-            with pytest.raises(BadResponse, match=message) as caught:
-                await client.request(request())
-            await client.close()
-        # The message names the problem, never the bytes the server sent.
-        assert "aaaa" not in str(caught.value) and "SMTP" not in str(caught.value)
-
-    go(test)
+    (outcome,) = exchange(answer_each(answer), 1).outcomes
+    assert isinstance(outcome, BadResponse)
+    assert re.search(message, str(outcome))
+    # The message names the problem, never the bytes the server sent.
+    assert "aaaa" not in str(outcome) and "SMTP" not in str(outcome)
 
 
 # -- connections that end ---------------------------------------------------------------------
@@ -287,16 +256,9 @@ def test_a_request_on_an_idle_connection_the_server_dropped_is_sent_again_once()
             writer.write(OK)
             await writer.drain()
 
-    async def test() -> None:
-        async with serving(handler) as server:
-            client = pool(server)
-            assert (await client.request(request())).status == 200
-            assert (await client.request(request(b'{"n":2}'))).status == 200
-            await client.close()
-        assert server.connections == 2
-        assert [r.endswith(b'{"n":2}') for r in server.requests] == [False, True, True]
-
-    go(test)
+    done = exchange(handler, 2, b'{"n":1}', b'{"n":2}')
+    assert done.statuses == [200, 200] and done.server.connections == 2
+    assert [r[-7:] for r in done.server.requests] == [b'{"n":1}', b'{"n":2}', b'{"n":2}']
 
 
 def test_a_new_connection_closed_before_the_answer_is_an_error_not_retried() -> None:
@@ -304,15 +266,8 @@ def test_a_new_connection_closed_before_the_answer_is_an_error_not_retried() -> 
         await read()
         writer.transport.abort()
 
-    async def test() -> None:
-        async with serving(handler) as server:
-            client = pool(server)
-            with pytest.raises(RemoteClosed):
-                await client.request(request())
-            await client.close()
-        assert server.connections == 1
-
-    go(test)
+    done = exchange(handler, 1)
+    assert done.statuses == ["RemoteClosed"] and done.server.connections == 1
 
 
 def test_a_connection_closed_mid_answer_is_an_error_not_retried() -> None:
@@ -324,28 +279,14 @@ def test_a_connection_closed_mid_answer_is_an_error_not_retried() -> None:
         await writer.drain()
         writer.transport.abort()
 
-    async def test() -> None:
-        async with serving(handler) as server:
-            client = pool(server)
-            await client.request(request())
-            with pytest.raises(RemoteClosed):
-                await client.request(request())
-            await client.close()
-        assert server.connections == 1  # part of an answer came: no second try
-
-    go(test)
+    done = exchange(handler, 2)
+    # Part of an answer came: no second try.
+    assert done.statuses == [200, "RemoteClosed"] and done.server.connections == 1
 
 
 def test_connections_idle_past_the_timeout_are_not_reused() -> None:
-    async def test() -> None:
-        async with serving(answer_each(OK)) as server:
-            client = pool(server, idle_timeout=0.0)
-            await client.request(request())
-            await client.request(request())
-            await client.close()
-        assert server.connections == 2
-
-    go(test)
+    done = exchange(answer_each(OK), 2, idle_timeout=0.0)
+    assert done.statuses == [200, 200] and done.server.connections == 2
 
 
 def test_a_cancelled_request_aborts_its_connection_and_the_pool_goes_on() -> None:

@@ -156,6 +156,8 @@ def test_truncated_records_are_refused(record: dict[str, Any], data: st.DataObje
     cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
     with pytest.raises(ValueError):
         tracecodec.decode_trace(encoded[:cut])
+    with pytest.raises(ValueError):
+        tracecodec.transcode_trace(encoded[:cut])
 
 
 @pytest.mark.parametrize(
@@ -173,6 +175,8 @@ def test_truncated_records_are_refused(record: dict[str, Any], data: st.DataObje
 def test_corrupt_bytes_are_a_value_error(corrupt: bytes) -> None:
     with pytest.raises(ValueError):
         tracecodec.decode_trace(corrupt)
+    with pytest.raises(ValueError):
+        tracecodec.transcode_trace(corrupt)
 
 
 @settings(max_examples=150, deadline=None)
@@ -261,17 +265,6 @@ def test_realistic_records_transcode_as_they_render(seed: int) -> None:
     assert close_ms == int(record["close_time"].timestamp() * 1000)
 
 
-@settings(max_examples=150, deadline=None)
-@given(trace_records, st.data())
-def test_truncated_records_are_refused_by_the_transcoder(
-    record: dict[str, Any], data: st.DataObject
-) -> None:
-    encoded = encode_trace(record)
-    cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
-    with pytest.raises(ValueError):
-        tracecodec.transcode_trace(encoded[:cut])
-
-
 def _zigzag(n: int) -> bytes:
     """An Avro long."""
     value = (n << 1) ^ (n >> 63)
@@ -283,24 +276,16 @@ def _zigzag(n: int) -> bytes:
     return bytes(out)
 
 
-def test_corrupt_and_out_of_range_bytes_are_value_errors_for_both_readers() -> None:
+def test_a_time_beyond_year_9999_is_a_value_error_for_both_readers() -> None:
     sentinel = datetime(2033, 5, 18, 3, 33, 20, 123_000, tzinfo=UTC)
     data = encode_trace(validate_record_with(open_time=sentinel, close_time=sentinel))
     sentinel_ms = (sentinel - _EPOCH) // timedelta(milliseconds=1)
     assert data.count(_zigzag(sentinel_ms)) == 2
     beyond_9999 = data.replace(_zigzag(sentinel_ms), _zigzag(2**60))
-    for corrupt in [
-        b"",
-        b"\x01",
-        b"\x00\x00\x04",
-        b"\x00\x00\x00\x00\x00\x3e" + b"\x7f" * 31,
-        b"\x02\xff",
-        beyond_9999,
-    ]:
-        with pytest.raises(ValueError):
-            tracecodec.decode_trace(corrupt)
-        with pytest.raises(ValueError):
-            tracecodec.transcode_trace(corrupt)
+    with pytest.raises(ValueError, match="out of range"):
+        tracecodec.decode_trace(beyond_9999)
+    with pytest.raises(ValueError, match="out of range"):
+        tracecodec.transcode_trace(beyond_9999)
 
 
 @settings(max_examples=200, deadline=None)
