@@ -485,12 +485,61 @@ def test_records_of_one_key_arrive_in_order_while_different_keys_run_concurrentl
         produce(bootstrap_servers, settings.input.topic, [(_key(t), to_json(t)) for t in trades])
         with running(*_stages(settings)):
             assert receiver.wait_for(len(trades), timeout=60)
-    by_signal: dict[str, list[str]] = {}
+    by_signal: dict[str, list[Received]] = {}
     for r in receiver.received:
-        by_signal.setdefault(r.payload["signal_id"], []).append(r.payload["close_time"])
+        by_signal.setdefault(r.payload["signal_id"], []).append(r)
     assert len(by_signal) == 6
-    assert all(times == sorted(times) for times in by_signal.values())
+    for got in by_signal.values():
+        times = [r.payload["close_time"] for r in got]
+        assert times == sorted(times)
+        # One at a time: each came after the answer to the one before (held back 20 ms).
+        gaps = [b.monotonic_ms - a.monotonic_ms for a, b in itertools.pairwise(got)]
+        assert min(gaps) >= 19, "records of one key overlapped"
     assert len({r.peer for r in receiver.received}) > 1  # several connections: concurrent keys
+
+
+def test_a_record_that_fails_is_overtaken_by_the_later_records_of_its_key_and_retried_after(
+    bootstrap_servers: str,
+) -> None:
+    failed: set[str] = set()
+
+    def fail_one(received: Received) -> Reply:
+        trade_id = received.payload["trade_id"]
+        if trade_id.endswith("03") and trade_id not in failed:
+            failed.add(trade_id)
+            return Reply(status=503)
+        # Slow answers: were the key's records not one at a time, they would overlap.
+        return Reply(status=200, delay=0.02)
+
+    with WebhookReceiver(WEBHOOK_SECRET, fail=fail_one) as receiver:
+        settings = make_settings(
+            bootstrap_servers,
+            adapters=[webhook("hook", receiver.url, concurrency=4)],
+            retry={"tiers": ["1s"]},
+        )
+        create_topics(settings)
+        trades = _trades(12, close_ms=now_ms() - 60_000, seed=53)
+        for trade in trades:
+            trade["signal_id"] = "sig-one-key"
+        produce(bootstrap_servers, settings.input.topic, [(_key(t), to_json(t)) for t in trades])
+        with running(*_stages(settings)):
+            assert receiver.wait_for(len(trades) + 1, timeout=60)
+    ids = [t["trade_id"] for t in trades]
+    (late,) = [i for i in ids if i.endswith("03")]
+    arrivals = [(r.payload["trade_id"], r.status) for r in receiver.received]
+    # First attempts in the key's order, the failed one among them; its retry comes last, at
+    # least a tier later, with the same Idempotency-Key.
+    assert [i for i, _ in arrivals[: len(ids)]] == ids
+    assert arrivals[ids.index(late)] == (late, 503)
+    # One at a time: each came after the answer to the one before (held back 20 ms) was sent.
+    firsts = receiver.received[: len(ids)]
+    for before, after in itertools.pairwise(firsts):
+        if before.status == 200:
+            assert after.monotonic_ms - before.monotonic_ms >= 19, "a key's records overlapped"
+    assert arrivals[-1] == (late, 200)
+    tries = [r for r in receiver.received if r.payload["trade_id"] == late]
+    assert tries[1].wall_ms - tries[0].wall_ms >= 1000
+    assert tries[0].webhook_id == tries[1].webhook_id
 
 
 def test_an_outage_opens_the_circuit_and_ends_with_every_record_delivered_and_no_dead_letter(
