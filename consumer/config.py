@@ -234,6 +234,9 @@ class WebhookAdapterSettings(_AdapterBase):
     secrets: list[SecretRef] = Field(min_length=1)
     #: Extra request headers (not secret: they are logged in config dumps).
     headers: dict[str, str] = Field(default_factory=dict)
+    #: The HTTP client: ``builtin`` (the adapter's own HTTP/1.1 client; aiohttp when a proxy
+    #: applies) or ``aiohttp`` always, a way back should a receiver disagree with the first.
+    client: Literal["builtin", "aiohttp"] = "builtin"
 
     @field_validator("headers")
     @classmethod

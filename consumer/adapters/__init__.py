@@ -17,7 +17,7 @@ def build_adapter(settings: AdapterSettings) -> Adapter:
     if isinstance(settings, WebhookAdapterSettings):
         from consumer.adapters.webhook import WebhookAdapter
 
-        return WebhookAdapter(settings)
+        return WebhookAdapter(settings, transport=settings.client)
     if isinstance(settings, TrackerAdapterSettings):
         from consumer.adapters.tracker import TrackerAdapter
 

@@ -103,6 +103,11 @@ def test_environment_overrides_the_file_and_keeps_the_rest(
             'headers: {"X Team": "a"}}]',
             "adapters.0.webhook.headers",
         ),
+        (
+            "adapters: [{name: h, type: webhook, url: 'http://x', secrets: [{env: A}], "
+            "client: curl}]",
+            "adapters.0.webhook.client",
+        ),
     ],
 )
 def test_a_bad_setting_names_its_field(

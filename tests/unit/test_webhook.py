@@ -19,6 +19,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from consumer.adapters import build_adapter
 from consumer.adapters.base import Delivery
 from consumer.adapters.webhook import WebhookAdapter, parse_retry_after
 from consumer.config import SecretRef, WebhookAdapterSettings
@@ -450,6 +451,26 @@ def test_a_receiver_that_closes_after_each_answer_still_gets_every_delivery(
         outcomes = run(make_settings(receiver.url), *(delivery(i) for i in range(1, 4)))
         assert outcomes == [None, None, None]
         assert len({r.peer for r in receiver.received}) == 3
+
+
+@pytest.mark.parametrize("client", ["builtin", "aiohttp"])
+def test_the_configured_client_is_the_one_that_posts(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    settings = make_settings("http://127.0.0.1:9/hook").model_copy(update={"client": client})
+    adapter = build_adapter(settings)
+    assert isinstance(adapter, WebhookAdapter)
+
+    async def started() -> tuple[bool, bool]:
+        await adapter.start()
+        try:
+            return adapter._pool is not None, adapter._session is not None
+        finally:
+            await adapter.close()
+
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    assert asyncio.run(started()) == (client == "builtin", client == "aiohttp")
 
 
 # -- proxies -----------------------------------------------------------------------------------
