@@ -151,6 +151,14 @@ class Metrics:
             ["adapter", "error_class"],
             registry=r,
         )
+        self.connections_opened = Counter(
+            "auto_trace_adapter_connections_opened_total",
+            "Connections an adapter's own HTTP client opened (the webhook's builtin client). "
+            "Near the delivery rate, the receiver closes every connection and each delivery "
+            "pays a new TCP (and TLS) handshake",
+            ["adapter"],
+            registry=r,
+        )
         self.adapter_call = Histogram(
             "auto_trace_adapter_call_duration_seconds",
             "Duration of one adapter delivery call, whatever its outcome",
@@ -263,6 +271,7 @@ class Metrics:
         for error_class in DEAD_LETTER_CLASSES:
             self.dead_letters.labels(adapter, error_class)
         self.adapter_call.labels(adapter)
+        self.connections_opened.labels(adapter)
         self.lateness.labels("sink", adapter)
         self.close_to_delivered.labels(adapter)
         self.in_flight.labels(adapter)

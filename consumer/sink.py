@@ -257,6 +257,8 @@ class SinkWorker:
         )
         in_flight = self.metrics.in_flight.labels(self.cfg.name)
         records_in = self.metrics.records_in.labels(self.name)
+        connections = self.metrics.connections_opened.labels(self.cfg.name)
+        counted = 0
         try:
             while not stop.is_set():
                 self.health.beat(self.name)
@@ -273,6 +275,10 @@ class SinkWorker:
                 for msg in messages:
                     self._dispatch(msg)
                 in_flight.set(self._in_flight)
+                opened = self.adapter.connections_opened()
+                if opened is not None and opened > counted:
+                    connections.inc(opened - counted)
+                    counted = opened
                 self._failures.flush(time.monotonic())
             await self._shutdown(poller)
         finally:

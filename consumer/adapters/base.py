@@ -130,6 +130,10 @@ class Adapter(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (log out, close pools); called once on shutdown."""
 
+    def connections_opened(self) -> int | None:
+        """Connections its HTTP client has opened so far, if it counts them (a metric)."""
+        return None
+
 
 class BatchAdapter(Adapter):
     """An adapter that makes records durable in batches (the file adapter).

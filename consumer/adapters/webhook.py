@@ -240,6 +240,9 @@ class WebhookAdapter(Adapter):
             self._proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode()
         self._proxy = yarl.URL(str(url.copy_with(userinfo=b"")), encoded=True)
 
+    def connections_opened(self) -> int | None:
+        return self._pool.opened if self._pool is not None else None
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:

@@ -470,6 +470,36 @@ def test_metrics_count_deliveries_retries_and_dead_letters(bootstrap_servers: st
     assert metrics.retries.labels("hook", "0")._value.get() == 5
 
 
+@pytest.mark.parametrize("closing", [False, True])
+def test_metrics_count_the_connections_the_webhook_client_opens(
+    bootstrap_servers: str, closing: bool
+) -> None:
+    # A receiver that closes every connection makes each delivery open one; one that keeps
+    # them alive is reached over at most `concurrency` connections.
+    reply = Reply(status=200, headers={"Connection": "close"} if closing else {})
+    with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: reply) as receiver:
+        settings = make_settings(
+            bootstrap_servers, adapters=[webhook("hook", receiver.url, concurrency=2)]
+        )
+        create_topics(settings)
+        metrics = Metrics()
+        trades = _trades(12, seed=uuid.uuid4().int % 1000)
+        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        with running(*_stages(settings, metrics)):
+            assert receiver.wait_for(len(trades), timeout=30)
+            # Each client connection arrives from its own port: the receiver counts them too.
+            peers = len({r.peer for r in receiver.received})
+            opened = metrics.connections_opened.labels("hook")
+            deadline = time.monotonic() + 10
+            while opened._value.get() != peers:
+                assert time.monotonic() < deadline, (opened._value.get(), peers)
+                time.sleep(0.05)
+    if closing:
+        assert peers == len(trades)
+    else:
+        assert 1 <= peers <= 2
+
+
 def test_records_of_one_key_arrive_in_order_while_different_keys_run_concurrently(
     bootstrap_servers: str,
 ) -> None:
