@@ -607,7 +607,7 @@ class SinkWorker:
         value = msg.value() or b""
         try:
             body, trade_id, close_ms = transcode_trace(value)
-        except (ValueError, EOFError, IndexError, TypeError, KeyError, OverflowError) as exc:
+        except (ValueError, EOFError, IndexError, TypeError, KeyError) as exc:
             return UndecodableRecord(f"not a TraceRecord: {type(exc).__name__}")
         attempts, due = h.get_ints(msg.headers(), h.ATTEMPTS, h.DUE_MS)
         return Delivery.from_trace(

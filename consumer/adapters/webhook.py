@@ -288,13 +288,8 @@ class WebhookAdapter(Adapter):
             if self._deadlines.expired(task):
                 raise RetriableDeliveryError(f"timeout after {self._timeout_text}") from None
             raise
-        except (
-            TimeoutError,
-            OSError,
-            http1.HttpError,
-            httpx.RequestError,
-            aiohttp.ClientError,
-        ) as exc:
+        except (OSError, http1.HttpError, httpx.RequestError, aiohttp.ClientError) as exc:
+            # OSError includes TimeoutError, refused and reset connections and TLS failures.
             raise self._transport_failure(exc) from exc
         finally:
             self._deadlines.end(task)
@@ -308,7 +303,8 @@ class WebhookAdapter(Adapter):
     async def _post_builtin(
         self, pool: http1.Http1Pool, body: bytes, msg_id: str, timestamp: int, signature: str
     ) -> tuple[int, str | None]:
-        # Every value here is ASCII the adapter made itself (the id, digits, base64).
+        # The same headers as deliver() gives the other transports, written directly; every
+        # value here is ASCII the adapter made itself (the id, digits, base64).
         head = (
             f"Content-Length: {len(body)}\r\nIdempotency-Key: {msg_id}\r\nwebhook-id: {msg_id}"
             f"\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: {signature}\r\n\r\n"
