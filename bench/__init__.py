@@ -9,14 +9,20 @@ read from the record itself. Every stage runs as its own process (``python -m co
 the receiver, so no two share a GIL. Inputs are pre-loaded with a fast producer before anything
 is timed; everything the run creates is deleted at the end.
 
+The ratios R1, R1b, R4 and R6 are measured in rounds (``BENCH_ROUNDS``, 3 by default): each
+measured leg runs between two baseline legs, is divided by their mean, and the median of the
+rounds is the ratio reported (every leg's rate is printed, in the order run). On a shared
+machine a single pair of legs can be off by a third either way; a leg between two baselines
+sees the drift on both sides, and the median drops the one round a burst of other work hit.
+
 R1    ingest records/s ÷ passthrough records/s. The same pre-loaded ``trade.closed`` topic
       (200k realistic trades, see :mod:`bench.data` for the ~525-byte records) is read by a
       plain consume → produce copy (:mod:`bench.passthrough`: same librdkafka settings, same
-      batch size, no decoding), then by the ingest stage, then copied again; each rate is
-      records ÷ (last - first append time on its output topic), so consumer-group start-up is
-      not counted. The baseline is the mean of the copies before and after ingest.
-R1b   ingest + release (window 0, one adapter), one process each, on the same input; the rate
-      is taken on the sink topic in the same way, ÷ the R1 baseline.
+      batch size, no decoding) and by the ingest stage, in turn: copy, ingest, copy, (R1b),
+      copy, ingest, ...; each rate is records ÷ (last - first append time on its output
+      topic), so consumer-group start-up is not counted.
+R1b   ingest + release (window 0, one adapter), one process each, on the same input, between
+      two copies; the rate is taken on the sink topic in the same way.
 R3    release lateness: 20k trades produced at a steady 1,000/s with close_time = now flow
       through ingest and release (window 2 s); lateness = sink-topic append time - the
       record's due header (close_time + window). p50, p99, max, and the count released early.
@@ -24,12 +30,16 @@ R3    release lateness: 20k trades produced at a steady 1,000/s with close_time 
       seconds warming up, and a new idempotent producer sends nothing for ~0.5-1 s.
 R4    webhook deliveries/s (the sink worker delivering 10k pre-loaded sink-topic records)
       ÷ raw aiohttp POSTs/s of the same bodies with the same headers at the same concurrency
-      (16, the adapter's default), measured before and after the sink (mean). Raw httpx is
-      measured the same way on 2k bodies. The receiver (:mod:`bench.server`) is a separate
-      process and a bare asyncio HTTP/1.1 server, several times cheaper per request than the
-      clients, and times every run: successes ÷ (last success - first request).
+      (16, the adapter's default): raw, sink, raw, (R6), sink, raw, ... Then once each: the
+      webhook adapter's own HTTP/1.1 client alone on the same bodies (how much of R4 is the
+      client), and raw httpx on 2k bodies, both ÷ the median raw aiohttp run. The receiver
+      (:mod:`bench.server`) is a separate process and a bare asyncio HTTP/1.1 server, several
+      times cheaper per request than the clients, and times every run: successes ÷ (last
+      success - first request).
 R6    the same sink worker with retry tiers ``[200ms]`` while the receiver answers 503 to the
-      first attempt of every webhook-id: successful deliveries/s ÷ R4's. The circuit breaker,
+      first attempt of every webhook-id (5k records): successful deliveries/s ÷ the main-path
+      (R4 sink) legs run just before and after it. Also shown, not a goal: the same legs
+      counted in requests (two per retried record). The circuit breaker,
       which would take "every first attempt fails" for an outage, is kept closed.
 MEM   the release stage's peak RSS (``VmHWM`` of its process) with 1M records waiting (due in
       1 h) ÷ with 10k waiting, read once every partition is held plus 3 s; the sink topic is
@@ -43,6 +53,7 @@ Each rate is shown with the CPU share of its process over exactly the measured i
 
 Environment:
     BENCH_SCALE=0.1        shrink every record count (default 1.0; floors keep runs meaningful)
+    BENCH_ROUNDS=3         rounds of each measured leg between baselines (1 for a quick look)
     BENCH_ONLY=R4,R6       run only these scenarios (R1b runs R1; R6 runs R4)
     BENCH_KAFKA_CLIENT='{"queued.max.messages.kbytes": 1024}'
                            extra librdkafka settings for every stage (try a tuning, no edits)
@@ -53,7 +64,7 @@ Environment:
 
 The output is a table (each ratio with its inputs and the raw rates behind it), the goal checks,
 and as the last line one JSON object (:data:`bench.report.JSON_KEYS`). Stage logs and configs are
-left in ``bench-output/``. A run at scale 1.0 takes 2.5-3 minutes on 2 cores (more when other
+left in ``bench-output/``. A run at scale 1.0 takes about 4 minutes on 2 cores (more when other
 work competes); no scenario starts after 10 minutes and no wait outlasts that by more than 2, so
 ``make bench`` ends within 15.
 """

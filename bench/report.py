@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -98,6 +99,39 @@ def summary(rows: Sequence[Row]) -> dict[str, Value]:
                 raise ValueError(f"unknown report key {row.key!r}")
             values[row.key] = _clean(row.value)
     return values
+
+
+def bracketed(timeline: Sequence[tuple[str, float]], measured: str, baseline: str) -> list[float]:
+    """Each ``measured`` leg ÷ the mean of the nearest ``baseline`` legs before and after it.
+
+    A shared machine drifts while a run goes on; a leg compared with baselines taken on both
+    sides of it sees the same drift in its numerator and its denominator. A leg without a
+    baseline on one side is left out rather than compared with one side only. Legs of other
+    kinds in between are skipped over (they are not baselines).
+    """
+    ratios: list[float] = []
+    for i, (kind, value) in enumerate(timeline):
+        if kind != measured:
+            continue
+        before = next((v for k, v in reversed(timeline[:i]) if k == baseline), None)
+        after = next((v for k, v in timeline[i + 1 :] if k == baseline), None)
+        if before is None or after is None or before + after <= 0:
+            continue
+        ratios.append(value / ((before + after) / 2))
+    return ratios
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values: a scenario that measured nothing reports null."""
+    return statistics.median(values) if values else math.nan
+
+
+def rounds_text(ratios: Sequence[float]) -> str:
+    """``median of 3 rounds: 0.61, 0.66, 0.74`` (rounds in the order they ran)."""
+    shown = ", ".join(f"{r:.3f}" for r in ratios)
+    if len(ratios) == 1:
+        return f"1 round: {shown}"
+    return f"median of {len(ratios)} rounds: {shown}"
 
 
 def check_goals(values: Mapping[str, Value]) -> list[GoalCheck]:

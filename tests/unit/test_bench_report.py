@@ -8,7 +8,18 @@ import math
 
 import pytest
 
-from bench.report import GOALS, JSON_KEYS, Row, check_goals, json_line, render, summary
+from bench.report import (
+    GOALS,
+    JSON_KEYS,
+    Row,
+    bracketed,
+    check_goals,
+    json_line,
+    median,
+    render,
+    rounds_text,
+    summary,
+)
 
 ALL_MET = [
     Row("R1", 0.7, key="r1", inputs="200,000 records, 6 partitions"),
@@ -128,3 +139,41 @@ def test_table_shows_values_goals_and_inputs() -> None:
     assert "BENCH_SCALE=1.0" in out
     # The notes come before the JSON line, which stays last.
     assert lines.index("BENCH_SCALE=1.0") < len(lines) - 1
+
+
+def test_bracketed_divides_each_leg_by_the_mean_of_its_neighbouring_baselines() -> None:
+    timeline = [
+        ("copy", 100.0),
+        ("ingest", 66.0),
+        ("copy", 120.0),
+        ("chain", 33.0),
+        ("copy", 80.0),
+        ("ingest", 45.0),
+        ("copy", 100.0),
+    ]
+    assert bracketed(timeline, "ingest", "copy") == pytest.approx([66 / 110, 45 / 90])
+    assert bracketed(timeline, "chain", "copy") == pytest.approx([33 / 100])
+
+
+def test_bracketed_skips_other_kinds_and_leaves_out_a_leg_with_one_baseline() -> None:
+    timeline = [
+        ("aiohttp", 4000.0),
+        ("sink", 5000.0),
+        ("aiohttp", 4400.0),
+        ("retry", 1500.0),
+        ("sink", 4000.0),
+        ("aiohttp", 3600.0),
+        ("retry", 1200.0),
+        ("sink", 6000.0),
+    ]
+    # The last sink leg has no aiohttp leg after it; the retry legs look past the aiohttp ones.
+    assert bracketed(timeline, "sink", "aiohttp") == pytest.approx([5000 / 4200, 4000 / 4000])
+    assert bracketed(timeline, "retry", "sink") == pytest.approx([1500 / 4500, 1200 / 5000])
+    assert bracketed([("sink", 1.0)], "sink", "aiohttp") == []
+
+
+def test_median_and_rounds_text() -> None:
+    assert median([0.7, 0.5, 0.6]) == 0.6
+    assert math.isnan(median([]))
+    assert rounds_text([0.61, 0.74, 0.66]) == "median of 3 rounds: 0.610, 0.740, 0.660"
+    assert rounds_text([0.5]) == "1 round: 0.500"
