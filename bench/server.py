@@ -8,7 +8,8 @@ its own CPU use next to the rates to show it.
 
     POST <any path>     a delivery: 200, or 503 for the first attempt of each webhook-id in
                         fail-first mode
-    GET  /stats         counts and first/last arrival times (epoch ms), as JSON
+    GET  /stats         counts, and arrival times (epoch ms) of the first request, the first
+                        and last success and the last failure, as JSON
     POST /reset?fail_first=0|1   forget everything, set the mode
 
 The listening port is printed on stdout as ``port=<n>``.
@@ -40,6 +41,8 @@ class State:
         self.bytes = 0
         self.first_ms: int | None = None
         self.last_ok_ms: int | None = None
+        self.first_ok_ms: int | None = None
+        self.last_failed_ms: int | None = None
         self.seen: set[bytes] = set()
         self.delivered: set[bytes] = set()
         self.unsigned = 0
@@ -53,6 +56,8 @@ class State:
                 "bytes": self.bytes,
                 "first_ms": self.first_ms,
                 "last_ok_ms": self.last_ok_ms,
+                "first_ok_ms": self.first_ok_ms,
+                "last_failed_ms": self.last_failed_ms,
                 "unsigned": self.unsigned,
             }
         ).encode()
@@ -68,9 +73,12 @@ class State:
         if self.fail_first and key not in self.seen:
             self.seen.add(key)
             self.failed += 1
+            self.last_failed_ms = now
             return _FAIL
         self.ok += 1
         self.last_ok_ms = now
+        if self.first_ok_ms is None:
+            self.first_ok_ms = now
         self.delivered.add(key)
         return _OK
 
