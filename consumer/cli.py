@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from consumer import __version__, demo
-from consumer.config import Settings, format_duration, load_settings
+from consumer.config import (
+    SecretScope,
+    Settings,
+    check_secrets,
+    format_duration,
+    read_settings,
+)
 from consumer.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -116,8 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(path: str | None) -> Settings:
-    return load_settings(path)
+def _settings(
+    path: str | None, scope: SecretScope = "kafka", adapter: str | None = None
+) -> Settings:
+    """The configuration, with only the secrets of ``scope`` read (and required)."""
+    settings = read_settings(path)
+    check_secrets(settings, scope, adapter)
+    return settings
 
 
 def _topics_create(args: argparse.Namespace) -> int:
@@ -149,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     from consumer import log
     from consumer.runner import Runner
 
-    settings = _settings(args.config)
+    settings = _settings(args.config, args.role, args.adapter)
     log.configure(settings.logging.level, settings.logging.format)
     runner = Runner(settings, args.role, args.adapter)
     runner.install_signal_handlers()

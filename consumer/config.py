@@ -412,10 +412,19 @@ def _describe(error: ValidationError) -> str:
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
-    """Read the YAML file (if any), apply ``AUTO_TRACE_*`` overrides, validate everything.
+    """Read the YAML file (if any), apply ``AUTO_TRACE_*`` overrides, validate everything, and
+    read every secret the configuration names (:func:`check_secrets` with no scope).
 
     ``overrides`` win over the file but not over the environment (tests use them).
     """
+    settings = read_settings(path, **overrides)
+    check_secrets(settings)
+    return settings
+
+
+def read_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """:func:`load_settings` without reading any secret: for a process that then checks only
+    the secrets its own work needs (:func:`check_secrets` with a scope)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -434,34 +443,67 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         data = loaded
     data.update(overrides)
     try:
-        source_settings = Settings(**data)
+        return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    _check_secrets(source_settings)
-    return source_settings
 
 
-def _check_secrets(settings: Settings) -> None:
-    """Resolve every secret once at start-up, so a missing one fails now, naming the field."""
+#: What a process does, for :func:`check_secrets`: a stage role, or ``kafka`` for a process that
+#: only talks to Kafka (``auto-trace dlq``, ``auto-trace topics create``).
+SecretScope = Literal["ingest", "release", "sink", "all", "kafka"]
+
+
+def secret_refs(
+    settings: Settings, scope: SecretScope | None = None, adapter: str | None = None
+) -> list[tuple[str, SecretRef]]:
+    """The secrets a process reads, each with its place in the configuration.
+
+    One configuration serves every Deployment, but a pod should hold only the credentials of
+    its own work: ingest has no business with a tracker's password, nor a sink with another
+    adapter's signing key. Kafka's secrets go to every scope; the Schema Registry's to ingest;
+    an adapter's to its sink (``adapter``; when it is None, the only enabled adapter, which is
+    what ``--role sink`` without ``--adapter`` runs). ``all`` runs every stage and so reads
+    every enabled adapter's; no scope means everything configured, disabled adapters too
+    (``load_settings``).
+    """
     refs: list[tuple[str, SecretRef]] = [
         (f"kafka.client_secrets.{k}", v) for k, v in settings.kafka.client_secrets.items()
     ]
-    refs += [
-        (f"input.schema_registry_secrets.{k}", v)
-        for k, v in settings.input.schema_registry_secrets.items()
-    ]
-    for i, adapter in enumerate(settings.adapters):
-        if isinstance(adapter, WebhookAdapterSettings):
-            refs += [(f"adapters.{i}.secrets.{j}", s) for j, s in enumerate(adapter.secrets)]
-        elif isinstance(adapter, TrackerAdapterSettings):
-            refs += [(f"adapters.{i}.email", adapter.email)]
-            refs += [(f"adapters.{i}.password", adapter.password)]
-        elif isinstance(adapter, FileAdapterSettings):
+    if scope in (None, "ingest", "all"):
+        refs += [
+            (f"input.schema_registry_secrets.{k}", v)
+            for k, v in settings.input.schema_registry_secrets.items()
+        ]
+    if scope == "sink" and adapter is None:
+        enabled = settings.enabled_adapters()
+        # Several enabled: the stage refuses to start without --adapter, and says so.
+        adapter = enabled[0].name if len(enabled) == 1 else None
+    for i, cfg in enumerate(settings.adapters):
+        if scope is None:
+            pass
+        elif scope == "all":
+            if not cfg.enabled:
+                continue
+        elif scope != "sink" or cfg.name != adapter:
+            continue
+        if isinstance(cfg, WebhookAdapterSettings):
+            refs += [(f"adapters.{i}.secrets.{j}", s) for j, s in enumerate(cfg.secrets)]
+        elif isinstance(cfg, TrackerAdapterSettings):
+            refs += [(f"adapters.{i}.email", cfg.email), (f"adapters.{i}.password", cfg.password)]
+        elif isinstance(cfg, FileAdapterSettings):
             for name in ("s3_access_key_id", "s3_secret_access_key", "s3_session_token"):
-                ref = getattr(adapter, name)
+                ref = getattr(cfg, name)
                 if ref is not None:
                     refs.append((f"adapters.{i}.{name}", ref))
-    for path, ref in refs:
+    return refs
+
+
+def check_secrets(
+    settings: Settings, scope: SecretScope | None = None, adapter: str | None = None
+) -> None:
+    """Read the secrets of :func:`secret_refs` once at start-up, so that a missing one fails
+    now, naming its field, and not at the first delivery."""
+    for path, ref in secret_refs(settings, scope, adapter):
         try:
             ref.resolve()
         except ConfigError as exc:
@@ -476,7 +518,10 @@ __all__ = [
     "Settings",
     "TrackerAdapterSettings",
     "WebhookAdapterSettings",
+    "check_secrets",
     "format_duration",
     "load_settings",
     "parse_duration",
+    "read_settings",
+    "secret_refs",
 ]

@@ -63,7 +63,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from consumer import headers as h
 from consumer.clients import producer_config
-from consumer.config import Settings, load_settings, parse_duration
+from consumer.config import Settings, check_secrets, parse_duration, read_settings
 from consumer.errors import AutoTraceError, ConfigError
 from consumer.records import decode_trace, render_time, to_json_dict
 from consumer.topics import dlq_topic, sink_topic
@@ -1686,7 +1686,9 @@ def main(
     err = err or sys.stderr
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        settings = load_settings(args.config)
+        settings = read_settings(args.config)
+        # Dead letters are listed and replayed through Kafka alone: no adapter's secrets.
+        check_secrets(settings, "kafka")
         return COMMANDS[args.action](settings, args, out, err)
     except ConfigError as exc:
         err.write(f"auto-trace: configuration error: {exc}\n")

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from consumer.cli import main
-from consumer.config import format_duration, load_settings, parse_duration
+from consumer.config import (
+    SecretScope,
+    check_secrets,
+    format_duration,
+    load_settings,
+    parse_duration,
+    read_settings,
+    secret_refs,
+)
 from consumer.errors import ConfigError
 
 WEBHOOK = """
@@ -176,3 +184,107 @@ def test_topics_dry_run_lists_every_topic_without_a_broker(
         "auto-trace.dlq.ingest",
         "auto-trace.dlq.audit",
     ]
+
+
+SCOPED = """
+kafka:
+  bootstrap_servers: 'file:1'
+  client_secrets: {sasl.password: {env: T_KAFKA}}
+input:
+  schema_registry_url: http://127.0.0.1:9
+  schema_registry_secrets: {basic.auth.user.info: {env: T_REGISTRY}}
+adapters:
+  - {name: hook, type: webhook, url: 'http://127.0.0.1:9/h', secrets: [{env: T_HOOK}]}
+  - name: fx
+    type: tracker
+    base_url: http://127.0.0.1:9
+    email: {env: T_FX_EMAIL}
+    password: {env: T_FX_PASSWORD}
+  - {name: old, type: webhook, url: 'http://127.0.0.1:9/o', secrets: [{env: T_OLD}],
+     enabled: false}
+"""
+
+#: Scope -> the secret environment variables a process of that scope needs.
+NEEDED = {
+    ("ingest", None): {"T_KAFKA", "T_REGISTRY"},
+    ("release", None): {"T_KAFKA"},
+    ("kafka", None): {"T_KAFKA"},
+    ("sink", "hook"): {"T_KAFKA", "T_HOOK"},
+    ("sink", "fx"): {"T_KAFKA", "T_FX_EMAIL", "T_FX_PASSWORD"},
+    ("all", None): {"T_KAFKA", "T_REGISTRY", "T_HOOK", "T_FX_EMAIL", "T_FX_PASSWORD"},
+    (None, None): {"T_KAFKA", "T_REGISTRY", "T_HOOK", "T_FX_EMAIL", "T_FX_PASSWORD", "T_OLD"},
+}
+
+
+@pytest.mark.parametrize(("scope", "adapter"), list(NEEDED))
+def test_each_process_reads_only_the_secrets_of_its_own_work(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scope: SecretScope | None,
+    adapter: str | None,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(SCOPED)
+    settings = read_settings(path)
+    needed = NEEDED[(scope, adapter)]
+    assert {ref.env for _, ref in secret_refs(settings, scope, adapter)} == needed
+    # Only those set: the check passes; without any one of them, it fails naming that one.
+    for name in needed:
+        monkeypatch.setenv(name, "x")
+    check_secrets(settings, scope, adapter)
+    for name in sorted(needed):
+        monkeypatch.delenv(name)
+        with pytest.raises(ConfigError, match=f"environment variable {name} "):
+            check_secrets(settings, scope, adapter)
+        monkeypatch.setenv(name, "x")
+
+
+def test_a_lone_sink_without_adapter_reads_the_one_enabled_adapters_secrets(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka: {bootstrap_servers: 'file:1'}\n" + WEBHOOK)
+    refs = secret_refs(read_settings(path), "sink")
+    assert [(where, ref.env) for where, ref in refs] == [
+        ("adapters.0.secrets.0", "TEST_HOOK_SECRET")
+    ]
+    # With several enabled, none: the stage itself refuses to start without --adapter.
+    path.write_text(SCOPED)
+    assert [ref.env for _, ref in secret_refs(read_settings(path), "sink")] == ["T_KAFKA"]
+
+
+def test_dlq_starts_without_any_adapters_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consumer import dlq
+
+    path = tmp_path / "c.yaml"
+    path.write_text(SCOPED)
+    for name in ("T_REGISTRY", "T_HOOK", "T_FX_EMAIL", "T_FX_PASSWORD", "T_OLD"):
+        monkeypatch.delenv(name, raising=False)
+    # The command itself is not what is tested here: only what start-up requires.
+    monkeypatch.setitem(dlq.COMMANDS, "list", lambda *_: 0)
+    monkeypatch.setenv("T_KAFKA", "x")
+    assert dlq.main(["list", "--config", str(path)]) == 0
+    monkeypatch.delenv("T_KAFKA")
+    assert dlq.main(["list", "--config", str(path)]) == 2
+    assert "kafka.client_secrets.sasl.password: environment variable T_KAFKA" in (
+        capsys.readouterr().err
+    )
+
+
+def test_run_checks_the_secrets_of_its_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.cli import _settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text(SCOPED)
+    for name in ("T_REGISTRY", "T_HOOK", "T_FX_EMAIL", "T_FX_PASSWORD", "T_OLD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("T_KAFKA", "x")
+    assert _settings(str(path), "release").adapters[0].name == "hook"
+    with pytest.raises(ConfigError, match=r"adapters\.0\.secrets\.0: environment variable T_HOOK"):
+        _settings(str(path), "sink", "hook")
+    with pytest.raises(ConfigError, match=r"input\.schema_registry_secrets"):
+        _settings(str(path), "ingest")
