@@ -174,21 +174,27 @@ def test_rendered_configuration_is_accepted_by_auto_trace(render: Any, values: P
 def test_auto_trace_starts_from_the_rendered_configuration_and_secret_env(
     render: Any, tmp_path: Path
 ) -> None:
-    """The real CLI reads the ConfigMap's file; with the secretEnv variables set it runs, without
-    one it stops at start-up, naming it: why every pod gets every secret."""
+    """The real CLI reads the ConfigMap's file and requires the secrets of its own work only:
+    the topics Job runs without the webhook's signing key, which the sink stops without, at
+    start-up, naming it."""
     manifests = scenario(render, "minimal")
     config = tmp_path / "config.yaml"
     config.write_text(of_kind(manifests, "ConfigMap")[name("")[:-1]]["data"]["config.yaml"])
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("AUTO_TRACE_")}
-    command = [sys.executable, "-m", "consumer", "topics", "create", "--dry-run"]
-    command += ["--config", str(config)]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    assert out.returncode == 2
-    assert "MIRROR_WEBHOOK_SECRET" in out.stderr
-    env["MIRROR_WEBHOOK_SECRET"] = "whsec_" + "A" * 32
-    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    env.pop("MIRROR_WEBHOOK_SECRET", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "consumer", *args, "--config", str(config)]
+        return subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd=ROOT, check=False
+        )
+
+    out = cli("topics", "create", "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "auto-trace.sink.mirror" in out.stdout
+    out = cli("run", "--role", "sink", "--adapter", "mirror")
+    assert out.returncode == 2
+    assert "adapters.0.secrets.0: environment variable MIRROR_WEBHOOK_SECRET" in out.stderr
 
 
 def test_config_defaults_in_values_are_auto_trace_defaults(render: Any) -> None:
@@ -230,14 +236,32 @@ def _secret_refs(node: Any) -> list[dict[str, str]]:
     return []
 
 
+def _scope_refs(config: dict[str, Any], workload: dict[str, Any]) -> list[dict[str, str]]:
+    """The secret references of a workload's own work, as auto-trace's secret_refs reads them:
+    Kafka's everywhere, the input's for ingest, the adapter's for its sink."""
+    labels = workload["metadata"]["labels"]
+    component = labels["app.kubernetes.io/component"]
+    refs = _secret_refs(config.get("kafka", {}))
+    if component == "ingest":
+        refs += _secret_refs(config.get("input", {}))
+    if component == "sink":
+        adapter = labels["auto-trace/adapter"]
+        refs += _secret_refs([a for a in config.get("adapters", []) if a["name"] == adapter])
+    return refs
+
+
 @pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
 def test_secrets_are_never_inlined(render: Any, values: Path) -> None:
     manifests = render(*scenario_args(values))
     assert not of_kind(manifests, "Secret"), "the chart must never create a Secret"
-    plain = {e["name"] for e in yaml.safe_load(values.read_text()).get("extraEnv", [])}
-    secret_env = set(yaml.safe_load(values.read_text()).get("secretEnv", {}))
-    refs = _secret_refs(config_of(manifests))
+    given = yaml.safe_load(values.read_text())
+    plain = {e["name"] for e in given.get("extraEnv", [])}
+    secret_env = set(given.get("secretEnv", {}))
+    config = config_of(manifests)
+    refs = _secret_refs(config)
+    named = {r["env"] for r in refs if "env" in r}
     for workload in workloads(manifests):
+        own = _scope_refs(config, workload)
         for container in containers(workload):
             env = {e["name"]: e for e in container.get("env", [])}
             for env_name, entry in env.items():
@@ -246,22 +270,48 @@ def test_secrets_are_never_inlined(render: Any, values: Path) -> None:
                 # Everything else comes from an existing Secret, never a value.
                 assert set(entry) == {"name", "valueFrom"}, (workload["metadata"]["name"], entry)
                 assert set(entry["valueFrom"]) == {"secretKeyRef"}
-            # Every {env: NAME} the configuration refers to is there, in every pod (auto-trace
-            # resolves all secrets at start-up, whatever the role).
-            for ref in refs:
-                if "env" in ref:
-                    assert ref["env"] in env, (workload["metadata"]["name"], ref)
+            # Exactly the secrets of its own work (auto-trace checks those at start-up), and
+            # those the configuration does not name (meant for something else).
+            from_secrets = {n for n in env if n not in plain}
+            expected = {r["env"] for r in own if "env" in r} | (secret_env - named)
+            assert from_secrets == expected, workload["metadata"]["name"]
             mounted = [m["mountPath"] for m in container["volumeMounts"]]
-            for ref in refs:
+            for ref in own:
                 if "file" in ref:
                     assert any(ref["file"].startswith(p + "/") for p in mounted), ref
-            secret_volumes = [
-                v for v in workload["spec"]["template"]["spec"]["volumes"] if "secret" in v
-            ]
-            assert len(secret_volumes) == len(
-                yaml.safe_load(values.read_text()).get("secretMounts", {})
-            )
-    assert secret_env <= {r["env"] for r in refs if "env" in r} | plain
+            # A secret mount whose files only another stage reads is not there.
+            for mount in given.get("secretMounts", {}).values():
+                path = mount["mountPath"].rstrip("/") + "/"
+                files = [r["file"] for r in refs if "file" in r]
+                wanted = any(f.startswith(path) for f in files if {"file": f} in own) or not any(
+                    f.startswith(path) for f in files
+                )
+                where = (workload["metadata"]["name"], path)
+                assert (mount["mountPath"] in mounted) == wanted, where
+    assert secret_env <= named | plain
+
+
+def test_each_pod_holds_only_its_own_credentials(render: Any) -> None:
+    """The several-adapters scenario spelled out: the tracker's login never reaches ingest,
+    release, another adapter's sink or the topics Job."""
+    manifests = scenario(render, "several-adapters")
+
+    def secrets_of(workload: dict[str, Any]) -> tuple[set[str], set[str]]:
+        container = containers(workload)[0]
+        env = {e["name"] for e in container.get("env", []) if "valueFrom" in e}
+        mounts = {m["name"] for m in container["volumeMounts"] if m["name"].startswith("secret-")}
+        return env, mounts
+
+    by_name = {w["metadata"]["name"]: w for w in workloads(manifests)}
+    tracker = ({"MYFXBOOK_EMAIL"}, {"secret-myfxbook"})
+    env, mounts = secrets_of(by_name[name("sink-myfxbook")])
+    assert tracker[0] <= env and tracker[1] <= mounts
+    for other in ("ingest", "release", "sink-mirror", "topics"):
+        env, mounts = secrets_of(by_name[name(other)])
+        assert not (env & tracker[0]) and not (mounts & tracker[1]), other
+    env, _ = secrets_of(by_name[name("sink-mirror")])
+    assert {"MIRROR_WEBHOOK_SECRET", "MIRROR_WEBHOOK_SECRET_OLD"} <= env
+    assert "MIRROR_WEBHOOK_SECRET" not in secrets_of(by_name[name("ingest")])[0]
 
 
 @pytest.mark.parametrize(

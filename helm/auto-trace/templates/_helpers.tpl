@@ -292,9 +292,62 @@ no secret written inline, and every secret reference backed by an existing Secre
 {{- end }}
 {{- end }}
 
-{{/* Environment of every auto-trace container: secrets by reference, then extraEnv. */}}
+{{/*
+The secret references one container's own work reads, collected into .refs like
+auto-trace.collectSecretRefs: Kafka's for everyone, the input's (Schema Registry) for ingest, the
+adapter's for its sink. auto-trace checks the same at start-up (consumer.config.secret_refs), so
+a pod holds only its own credentials: ingest never sees a tracker's password.
+*/}}
+{{- define "auto-trace.scopeRefs" -}}
+{{- $config := .root.Values.config | default dict }}
+{{- include "auto-trace.collectSecretRefs" (dict "node" ($config.kafka | default dict) "path" "config.kafka" "refs" .refs) }}
+{{- if eq .component "ingest" }}
+{{- include "auto-trace.collectSecretRefs" (dict "node" ($config.input | default dict) "path" "config.input" "refs" .refs) }}
+{{- end }}
+{{- if eq .component "sink" }}
+{{- range $i, $adapter := $config.adapters | default list }}
+{{- if eq (toString $adapter.name) (toString $.adapter) }}
+{{- include "auto-trace.collectSecretRefs" (dict "node" $adapter "path" (printf "config.adapters.%d" $i) "refs" $.refs) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" if a secretMounts entry (.mount) belongs in a container whose own references are .scope:
+one of them lies under its mountPath, or no reference of the whole configuration does (a mount
+the configuration does not name is for something else, and goes to every container).
+*/}}
+{{- define "auto-trace.mountWanted" -}}
+{{- $dir := printf "%s/" (trimSuffix "/" (toString .mount.mountPath)) }}
+{{- $all := dict }}
+{{- include "auto-trace.collectSecretRefs" (dict "node" (.root.Values.config | default dict) "path" "config" "refs" $all) }}
+{{- $named := false }}
+{{- range $ref, $_ := $all }}
+{{- if hasPrefix (printf "file:%s" $dir) $ref }}
+{{- $named = true }}
+{{- end }}
+{{- end }}
+{{- $mine := false }}
+{{- range $ref, $_ := .scope }}
+{{- if hasPrefix (printf "file:%s" $dir) $ref }}
+{{- $mine = true }}
+{{- end }}
+{{- end }}
+{{- if or $mine (not $named) }}true{{ end }}
+{{- end }}
+
+{{/*
+Environment of an auto-trace container: the secretEnv entries its own work refers to (.scope,
+from auto-trace.scopeRefs), and those the configuration does not name at all (for something
+else, e.g. a cloud SDK's credentials: every container gets them); then extraEnv.
+*/}}
 {{- define "auto-trace.env" -}}
+{{- $all := dict }}
+{{- include "auto-trace.collectSecretRefs" (dict "node" (.root.Values.config | default dict) "path" "config" "refs" $all) }}
 {{- range $name, $ref := .root.Values.secretEnv }}
+{{- $key := printf "env:%s" $name }}
+{{- if or (hasKey $.scope $key) (not (hasKey $all $key)) }}
 - name: {{ $name }}
   valueFrom:
     secretKeyRef:
@@ -304,6 +357,7 @@ no secret written inline, and every secret reference backed by an existing Secre
       optional: {{ $ref.optional }}
       {{- end }}
 {{- end }}
+{{- end }}
 {{- with .root.Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -312,7 +366,7 @@ no secret written inline, and every secret reference backed by an existing Secre
 {{- end }}
 {{- end }}
 
-{{/* Volume mounts of every auto-trace container. */}}
+{{/* Volume mounts of an auto-trace container (secret mounts as auto-trace.mountWanted says). */}}
 {{- define "auto-trace.volumeMounts" -}}
 - name: config
   mountPath: {{ include "auto-trace.configDir" .root }}
@@ -320,9 +374,11 @@ no secret written inline, and every secret reference backed by an existing Secre
 - name: tmp
   mountPath: /tmp
 {{- range $name, $mount := .root.Values.secretMounts }}
+{{- if include "auto-trace.mountWanted" (dict "root" $.root "mount" $mount "scope" $.scope) }}
 - name: secret-{{ $name }}
   mountPath: {{ required (printf "secretMounts.%s.mountPath is required" $name) $mount.mountPath | quote }}
   readOnly: true
+{{- end }}
 {{- end }}
 {{- with .root.Values.extraVolumeMounts }}
 {{ toYaml . }}
@@ -332,7 +388,7 @@ no secret written inline, and every secret reference backed by an existing Secre
 {{- end }}
 {{- end }}
 
-{{/* Volumes of every auto-trace pod; .configMap names the ConfigMap holding config.yaml. */}}
+{{/* Volumes of an auto-trace pod; .configMap names the ConfigMap holding config.yaml. */}}
 {{- define "auto-trace.volumes" -}}
 - name: config
   configMap:
@@ -341,6 +397,7 @@ no secret written inline, and every secret reference backed by an existing Secre
   emptyDir:
     sizeLimit: {{ .root.Values.tmpSizeLimit | quote }}
 {{- range $name, $mount := .root.Values.secretMounts }}
+{{- if include "auto-trace.mountWanted" (dict "root" $.root "mount" $mount "scope" $.scope) }}
 - name: secret-{{ $name }}
   secret:
     secretName: {{ required (printf "secretMounts.%s.secretName is required" $name) $mount.secretName | quote }}
@@ -349,6 +406,7 @@ no secret written inline, and every secret reference backed by an existing Secre
     items:
       {{- toYaml . | nindent 6 }}
     {{- end }}
+{{- end }}
 {{- end }}
 {{- with .root.Values.extraVolumes }}
 {{ toYaml . }}
