@@ -84,5 +84,5 @@ def test_a_profile_asked_for_without_py_spy_stops_the_run_before_it_starts(
         raise AssertionError("the broker was started")
 
     monkeypatch.setattr(bench.run, "kafka_cluster", no_broker)
-    assert bench.run.main() == 2
+    assert bench.run.main([]) == 2
     assert "pip install py-spy" in capsys.readouterr().err
