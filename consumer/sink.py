@@ -372,6 +372,11 @@ class SinkWorker:
                 "revoked partitions not drained in time",
                 extra={"fields": {"adapter": self.cfg.name}},
             )
+        # Store what the drain finished while the partitions are still ours: librdkafka commits
+        # the stored offsets of revoked partitions as it lets them go, and the next poll would
+        # drop these as no longer assigned, so whoever gets the partitions would deliver the
+        # drained records again.
+        self._store_offsets()
 
     async def _drain(self, revoked: list[TP]) -> None:
         try:
