@@ -230,16 +230,22 @@ def _passthrough(ctx: Ctx, cfg_path: Path, source: str, count: int, run: int) ->
             f"bench-{ctx.tag}-copy{run}",
         ],
     )
-    ctx.wait_count(target, count, [copy], 60 + count / 2000)
-    ctx.stop(copy)
-    copied = span(ctx.bootstrap, target)
-    rate = copied.rate(count)
-    cpu = copy.cpu_share(copied.first_ms, copied.last_ms)
-    ctx.say(
-        f"passthrough {run}: {_fmt(rate)} records/s (cpu {_pct(cpu)}: "
-        f"{_threads(copy, copied.first_ms, copied.last_ms)}"
-        f"{ctx.broker_cpu(copied.first_ms, copied.last_ms)})"
-    )
+    return _leg(ctx, f"passthrough {run}", target, count, [copy], 60 + count / 2000)
+
+
+def _leg(ctx: Ctx, label: str, topic: str, count: int, procs: list[Proc], timeout: float) -> float:
+    """Wait until ``topic`` holds ``count`` records, stop ``procs``, and say the rate at which
+    the records were appended, with the CPU of each process over exactly that interval (by
+    thread for a lone process) and the broker's."""
+    ctx.wait_count(topic, count, procs, timeout)
+    ctx.stop(*procs)
+    out = span(ctx.bootstrap, topic)
+    rate = out.rate(count)
+    first, last = out.first_ms, out.last_ms
+    cpu = " + ".join(_pct(p.cpu_share(first, last)) for p in procs)
+    if len(procs) == 1:
+        cpu += f": {_threads(procs[0], first, last)}"
+    ctx.say(f"{label}: {_fmt(rate)} records/s (cpu {cpu}{ctx.broker_cpu(first, last)})")
     return rate
 
 
@@ -258,16 +264,9 @@ def _ingest_leg(ctx: Ctx, source: str, count: int, i: int) -> float:
     cfg = ctx.config(f"r1-{i}", input_topic=source)
     settings = ctx.create(cfg)
     ingest = ctx.stage(f"r1-ingest-{i}", "ingest", cfg)
-    ctx.wait_count(delay_topic(settings), count, [ingest], 60 + count / 1000)
-    ctx.stop(ingest)
-    ingested = span(ctx.bootstrap, delay_topic(settings))
-    rate = ingested.rate(count)
-    cpu = ingest.cpu_share(ingested.first_ms, ingested.last_ms)
-    ctx.say(
-        f"ingest {i + 1}: {_fmt(rate)} records/s (cpu {_pct(cpu)}: "
-        f"{_threads(ingest, ingested.first_ms, ingested.last_ms)}"
-        f"{ctx.broker_cpu(ingested.first_ms, ingested.last_ms)}); fast path {_fast_path(ingest)}"
-    )
+    # The fast path is read from the log once the process has stopped (_leg stops it).
+    rate = _leg(ctx, f"ingest {i + 1}", delay_topic(settings), count, [ingest], 60 + count / 1000)
+    ctx.say(f"ingest {i + 1} ran fast path {_fast_path(ingest)}")
     return rate
 
 
@@ -277,18 +276,7 @@ def _chain_leg(ctx: Ctx, source: str, count: int, i: int) -> float:
     ingest = ctx.stage(f"r1b-ingest-{i}", "ingest", cfg)
     release = ctx.stage(f"r1b-release-{i}", "release", cfg)
     sink = sink_topic(settings, ADAPTER)
-    ctx.wait_count(sink, count, [ingest, release], 60 + count / 1000)
-    ctx.stop(ingest, release)
-    released = span(ctx.bootstrap, sink)
-    rate = released.rate(count)
-    cpu_i = ingest.cpu_share(released.first_ms, released.last_ms)
-    cpu_r = release.cpu_share(released.first_ms, released.last_ms)
-    broker = ctx.broker_cpu(released.first_ms, released.last_ms)
-    ctx.say(
-        f"ingest+release {i + 1}: {_fmt(rate)} records/s (cpu {_pct(cpu_i)} + {_pct(cpu_r)}"
-        f"{broker})"
-    )
-    return rate
+    return _leg(ctx, f"ingest+release {i + 1}", sink, count, [ingest, release], 60 + count / 1000)
 
 
 def _rates_text(timeline: list[tuple[str, float]], kind: str) -> str:
@@ -557,21 +545,50 @@ def _raw(ctx: Ctx, receiver: Receiver, client: str, count: int, bodies: Path, ru
     return result
 
 
+def _preloaded_sink(
+    ctx: Ctx,
+    receiver: Receiver,
+    cfg: dict[str, Any],
+    name: str,
+    records: list[data.Record],
+    *,
+    fail_first: bool = False,
+) -> tuple[Settings, Stage]:
+    """A sink worker started on ``records`` pre-loaded into its sink topic, the receiver reset."""
+    settings = ctx.create(cfg)
+    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
+    receiver.reset(fail_first=fail_first)
+    return settings, ctx.stage(name, "sink", cfg)
+
+
+def _cpu(ctx: Ctx, proc: Proc, first: int, last: int) -> str:
+    """ "cpu N%: threads, broker M%": a process's CPU over a measured interval."""
+    return (
+        f"cpu {_pct(proc.cpu_share(first, last))}: {_threads(proc, first, last)}"
+        f"{ctx.broker_cpu(first, last)}"
+    )
+
+
+def _delivered(
+    ctx: Ctx, receiver: Receiver, sink: Stage, count: int
+) -> tuple[float, dict[str, Any]]:
+    """Run a sink worker until ``count`` records are delivered, then stop it: the rate from the
+    first request to the last success, and the receiver's stats."""
+    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 50)
+    ctx.stop(sink)
+    return rate, stats
+
+
 def _main_leg(ctx: Ctx, receiver: Receiver, records: list[data.Record], i: int) -> float:
     """The sink worker delivering pre-loaded records to a receiver that answers 200."""
     cfg = ctx.config(f"r4-{i}", url=receiver.url)
-    settings = ctx.create(cfg)
-    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
-    receiver.reset()
-    sink = ctx.stage(f"r4-sink-{i}", "sink", cfg)
+    _, sink = _preloaded_sink(ctx, receiver, cfg, f"r4-sink-{i}", records)
     count = len(records)
-    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 100)
-    ctx.stop(sink)
+    rate, stats = _delivered(ctx, receiver, sink, count)
     first, last = stats["first_ms"], stats["last_ok_ms"]
     ctx.say(
-        f"sink {i + 1}: {_fmt(rate)} deliveries/s (cpu {_pct(sink.cpu_share(first, last))}: "
-        f"{_threads(sink, first, last)}; receiver {_pct(receiver.cpu_share(first, last))}"
-        f"{ctx.broker_cpu(first, last)})"
+        f"sink {i + 1}: {_fmt(rate)} deliveries/s ({_cpu(ctx, sink, first, last)}; receiver "
+        f"{_pct(receiver.cpu_share(first, last))})"
     )
     if stats["distinct_ok"] != count:
         ctx.notes.append(f"R4: {stats['ok']} deliveries for {count} records (duplicates)")
@@ -597,10 +614,9 @@ def _retry_alone(ctx: Ctx, receiver: Receiver, records: list[data.Record], i: in
     """
     count = len(records)
     cfg = _retry_config(ctx, receiver, f"r6-{i}", RETRY_TIER)
-    settings = ctx.create(cfg)
-    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
-    receiver.reset(fail_first=True)
-    failing = ctx.stage(f"r6-fail-{i}", "sink", cfg)
+    settings, failing = _preloaded_sink(
+        ctx, receiver, cfg, f"r6-fail-{i}", records, fail_first=True
+    )
     wait_until(
         lambda: int(receiver.stats()["failed"]) >= count,
         ctx.watched([failing, receiver]),
@@ -614,14 +630,11 @@ def _retry_alone(ctx: Ctx, receiver: Receiver, records: list[data.Record], i: in
     due_ms = int(failed["last_failed_ms"]) + int(settings.retry.tiers[0].total_seconds() * 1000)
     wait_until(lambda: now_ms() > due_ms, [], ctx.cap(60), "the retries due", interval=0.1)
     retrying = ctx.stage(f"r6-retry-{i}", "sink", cfg)
-    _, stats = _deliveries(ctx, receiver, [retrying], count, 60 + count / 100)
-    ctx.stop(retrying)
+    _, stats = _delivered(ctx, receiver, retrying, count)
     first, last = stats["first_ok_ms"], stats["last_ok_ms"]
     rate: float = count / max(0.001, (last - first) / 1000)
-    cpu = retrying.cpu_share(first, last)
     ctx.say(
-        f"retry path {i + 1}: {_fmt(rate)} deliveries/s (cpu {_pct(cpu)}: "
-        f"{_threads(retrying, first, last)}{ctx.broker_cpu(first, last)}); the "
+        f"retry path {i + 1}: {_fmt(rate)} deliveries/s ({_cpu(ctx, retrying, first, last)}); the "
         f"{int(failed['failed']):,} first attempts failed in "
         f"{(int(failed['last_failed_ms']) - int(failed['first_ms'])) / 1000:.1f} s before"
     )
@@ -634,18 +647,12 @@ def _retry_both(ctx: Ctx, receiver: Receiver, records: list[data.Record], i: int
     """Not a goal: every record's failed first attempt and its retry through a 200 ms tier
     in the same worker at once: records delivered per second, from the first request."""
     cfg = _retry_config(ctx, receiver, f"r6b-{i}", "200ms")
-    settings = ctx.create(cfg)
-    preload(fast_producer(ctx.bootstrap), sink_topic(settings, ADAPTER), records)
-    receiver.reset(fail_first=True)
-    sink = ctx.stage(f"r6b-sink-{i}", "sink", cfg)
-    count = len(records)
-    rate, stats = _deliveries(ctx, receiver, [sink], count, 60 + count / 50)
-    ctx.stop(sink)
+    _, sink = _preloaded_sink(ctx, receiver, cfg, f"r6b-sink-{i}", records, fail_first=True)
+    rate, stats = _delivered(ctx, receiver, sink, len(records))
     first, last = stats["first_ms"], stats["last_ok_ms"]
     ctx.say(
-        f"both attempts {i + 1}: {_fmt(rate)} records delivered/s (cpu "
-        f"{_pct(sink.cpu_share(first, last))}: {_threads(sink, first, last)}"
-        f"{ctx.broker_cpu(first, last)}), failed {stats['failed']:,}"
+        f"both attempts {i + 1}: {_fmt(rate)} records delivered/s "
+        f"({_cpu(ctx, sink, first, last)}), failed {stats['failed']:,}"
     )
     return rate
 

@@ -23,6 +23,7 @@ from standardwebhooks import Webhook
 
 from consumer import headers as h
 from consumer.adapters.base import Adapter, Delivery
+from consumer.config import Settings
 from consumer.health import Health
 from consumer.ingest import IngestStage
 from consumer.metrics import Metrics
@@ -422,17 +423,26 @@ def test_a_sink_worker_killed_mid_delivery_loses_nothing(
     print(f"\nsink SIGKILLed {kills} times: {len(trades)} trades, {dupes} duplicate deliveries")
 
 
+def _four_partitions(
+    bootstrap_servers: str, receiver: WebhookReceiver, count: int, seed: int
+) -> tuple[Settings, list[dict[str, Any]]]:
+    """One webhook adapter (concurrency 4) on topics of 4 partitions, so that two workers
+    share them; ``count`` trades published."""
+    settings = make_settings(
+        bootstrap_servers,
+        adapters=[webhook("hook", receiver.url, concurrency=4)],
+        topics={"partitions": 4},
+    )
+    create_topics(settings)
+    trades = _trades(count, seed=seed)
+    produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+    return settings, trades
+
+
 def test_two_workers_in_one_group_survive_a_rebalance_without_loss(bootstrap_servers: str) -> None:
     with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: Reply(status=200, delay=0.01)) as receiver:
-        settings = make_settings(
-            bootstrap_servers,
-            adapters=[webhook("hook", receiver.url, concurrency=4)],
-            topics={"partitions": 4},
-        )
-        create_topics(settings)
+        settings, trades = _four_partitions(bootstrap_servers, receiver, 400, seed=41)
         metrics = Metrics()
-        trades = _trades(400, seed=41)
-        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
         cfg = settings.adapters[0]
         with (
             running(
@@ -608,14 +618,7 @@ def test_a_rebalance_delivers_nothing_twice(bootstrap_servers: str) -> None:
     new owner starts after them. Before the fix those offsets were dropped, and 250-520 of
     these 600 trades were delivered twice."""
     with WebhookReceiver(WEBHOOK_SECRET, fail=lambda _r: Reply(status=200, delay=0.05)) as receiver:
-        settings = make_settings(
-            bootstrap_servers,
-            adapters=[webhook("hook", receiver.url, concurrency=4)],
-            topics={"partitions": 4},
-        )
-        create_topics(settings)
-        trades = _trades(600, seed=43)
-        produce(bootstrap_servers, settings.input.topic, [(None, to_json(t)) for t in trades])
+        settings, trades = _four_partitions(bootstrap_servers, receiver, 600, seed=43)
         cfg = settings.adapters[0]
         first, second = Metrics(), Metrics()
         with (
