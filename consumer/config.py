@@ -478,13 +478,16 @@ def secret_refs(
         enabled = settings.enabled_adapters()
         # Several enabled: the stage refuses to start without --adapter, and says so.
         adapter = enabled[0].name if len(enabled) == 1 else None
-    for i, cfg in enumerate(settings.adapters):
+
+    def reads(cfg: AdapterSettings) -> bool:
         if scope is None:
-            pass
-        elif scope == "all":
-            if not cfg.enabled:
-                continue
-        elif scope != "sink" or cfg.name != adapter:
+            return True
+        if scope == "all":
+            return cfg.enabled
+        return scope == "sink" and cfg.name == adapter
+
+    for i, cfg in enumerate(settings.adapters):
+        if not reads(cfg):
             continue
         if isinstance(cfg, WebhookAdapterSettings):
             refs += [(f"adapters.{i}.secrets.{j}", s) for j, s in enumerate(cfg.secrets)]
