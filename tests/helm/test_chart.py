@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer.config import Settings
+from consumer.config import SecretScope, Settings, secret_refs
 from consumer.topics import delay_topic, sink_group, sink_topic
 from tests.helm.conftest import (
     CHART,
@@ -236,18 +236,22 @@ def _secret_refs(node: Any) -> list[dict[str, str]]:
     return []
 
 
-def _scope_refs(config: dict[str, Any], workload: dict[str, Any]) -> list[dict[str, str]]:
-    """The secret references of a workload's own work, as auto-trace's secret_refs reads them:
-    Kafka's everywhere, the input's for ingest, the adapter's for its sink."""
+#: The component label of a workload -> the scope auto-trace checks its secrets in.
+_SCOPES: dict[str, SecretScope] = {
+    "ingest": "ingest",
+    "release": "release",
+    "sink": "sink",
+    "topics": "kafka",
+}
+
+
+def _scope_refs(settings: Settings, workload: dict[str, Any]) -> list[dict[str, str]]:
+    """The secret references auto-trace itself reads at start-up in this workload
+    (:func:`consumer.config.secret_refs`), so that the chart and the code cannot drift apart."""
     labels = workload["metadata"]["labels"]
-    component = labels["app.kubernetes.io/component"]
-    refs = _secret_refs(config.get("kafka", {}))
-    if component == "ingest":
-        refs += _secret_refs(config.get("input", {}))
-    if component == "sink":
-        adapter = labels["auto-trace/adapter"]
-        refs += _secret_refs([a for a in config.get("adapters", []) if a["name"] == adapter])
-    return refs
+    scope = _SCOPES[labels["app.kubernetes.io/component"]]
+    refs = secret_refs(settings, scope, labels.get("auto-trace/adapter"))
+    return [{"env": r.env} if r.env is not None else {"file": str(r.file)} for _, r in refs]
 
 
 @pytest.mark.parametrize("values", SCENARIOS, ids=lambda p: p.stem)
@@ -260,8 +264,9 @@ def test_secrets_are_never_inlined(render: Any, values: Path) -> None:
     config = config_of(manifests)
     refs = _secret_refs(config)
     named = {r["env"] for r in refs if "env" in r}
+    settings = Settings(**config)
     for workload in workloads(manifests):
-        own = _scope_refs(config, workload)
+        own = _scope_refs(settings, workload)
         for container in containers(workload):
             env = {e["name"]: e for e in container.get("env", [])}
             for env_name, entry in env.items():
