@@ -24,6 +24,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LIBRDKAFKA_LOG = get_logger("librdkafka")
 
 
+#: librdkafka's pause before fetching again once the prefetch queue is full (consumer_config).
+FETCH_QUEUE_BACKOFF_MS = 20
+
+
 def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """Tunable defaults, then ``kafka.client``, then what the guarantees require."""
     return {
@@ -45,6 +49,12 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         "logger": _LIBRDKAFKA_LOG,
         "auto.commit.interval.ms": 1000,
         "auto.offset.reset": "earliest",
+        # Once its prefetch queue is full, librdkafka fetches again only after this pause (1 s
+        # by default). A consumer that drains the queue faster than that then idles for the
+        # rest of the second: a plain copy ran at ~100k records/s with it and 210-280k/s
+        # without it, alternating between the two from one run to the next (make bench R1,
+        # 2026-11-27), and a backlog's catch-up stalled the same way.
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
         **settings.kafka.librdkafka(),
         "group.id": group,
         "enable.auto.commit": True,
@@ -99,9 +109,9 @@ DELAYED_DEFAULTS: dict[str, int] = {
     "fetch.wait.max.ms": DELAYED_FETCH_WAIT_MS,
     "queued.max.messages.kbytes": 1024,
     "queued.min.messages": 1000,
-    # With a small queue the threshold is reached often, and librdkafka then waits this long
-    # before fetching again (1 s by default: release lateness p99 rose to 1.6 s).
-    "fetch.queue.backoff.ms": 20,
+    # With a small queue the threshold is reached often, so the short fetch.queue.backoff.ms
+    # that every consumer gets (consumer_config) matters most here: with librdkafka's 1 s,
+    # release lateness p99 rose to 1.6 s.
     # Every resume of a held partition fetches again from its head, and all but the few records
     # due by then are dropped at the next hold: with librdkafka's 1 MB per partition, each
     # resume re-read the partition's whole waiting window (make bench R3: the release's

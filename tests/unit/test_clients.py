@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from consumer.clients import (
     DELAYED_DEFAULTS,
+    FETCH_QUEUE_BACKOFF_MS,
+    consumer_config,
     RELEASE_PRODUCER_DEFAULTS,
     release_producer_config,
     stage_consumer_config,
@@ -43,3 +45,17 @@ def test_release_lingers_by_its_own_default_unless_told_otherwise() -> None:
     settings = _settings({})
     assert release_producer_config(settings)["linger.ms"] == RELEASE_PRODUCER_DEFAULTS["linger.ms"]
     assert release_producer_config(settings, **{"linger.ms": 0})["linger.ms"] == 0
+
+
+def test_every_consumer_fetches_again_soon_after_its_queue_was_full_unless_told_otherwise() -> None:
+    # librdkafka's 1 s pause left a fast consumer idle for most of each second (make bench R1).
+    settings = _settings({})
+    for conf in (
+        consumer_config(settings, "g"),
+        stage_consumer_config(settings, "g", delayed=False),
+        stage_consumer_config(settings, "g", delayed=True),
+    ):
+        assert conf["fetch.queue.backoff.ms"] == FETCH_QUEUE_BACKOFF_MS
+    assert FETCH_QUEUE_BACKOFF_MS < 1000
+    mine = consumer_config(_settings({"fetch.queue.backoff.ms": 500}), "g")
+    assert mine["fetch.queue.backoff.ms"] == 500
