@@ -26,9 +26,9 @@ RUN apt-get update \
 RUN python3 -m venv /opt/maturin \
  && /opt/maturin/bin/python -m pip install --quiet "maturin>=1.9,<2"
 WORKDIR /src/native
-COPY native/Cargo.toml native/pyproject.toml ./
+COPY native/Cargo.toml native/Cargo.lock native/pyproject.toml ./
 COPY native/src/ src/
-RUN /opt/maturin/bin/maturin build --release --out /opt/wheels
+RUN /opt/maturin/bin/maturin build --release --locked --out /opt/wheels
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \

@@ -27,7 +27,7 @@ NATIVE_STAMP := $(VENV)/.native
 # Compiled crates live with the other downloads, outside the checkout: the wheel build, clippy
 # and the image check (tools/check_dockerfile.py) reuse them, and so does the next clone.
 export CARGO_TARGET_DIR ?= $(or $(AUTO_TRACE_CACHE_DIR),$(HOME)/.cache/auto-trace)/cargo-target
-NATIVE_SRC := native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+NATIVE_SRC := native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
 
 $(NATIVE_STAMP): $(NATIVE_SRC) | $(STAMP)
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) to build the native fast path, or run make with NATIVE=0" >&2; exit 1; }
