@@ -8,6 +8,7 @@ reason, and the stage moves on: a bad record never stops or stalls a partition. 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +48,31 @@ def trace_headers(close_ms: int, window_ms: int, trade_id: bytes) -> h.Headers:
     ]
 
 
+#: Raw JSON and now (epoch ms) → what ingest produces to the delay topic: value, key, headers;
+#: or None, "let pydantic decide".
+Traced = Callable[[bytes, int], "tuple[bytes, bytes, h.Headers] | None"]
+
+
+def traced_path(fast: FastPath | None, window_ms: int) -> Traced | None:
+    """The fast path with the delay topic's headers: the native module's own ``traced`` when it
+    was built for this window (headers built in Python cost about as much as the native parse,
+    make bench R1), else the fast path's record and :func:`trace_headers`."""
+    if fast is None:
+        return None
+    native: Traced | None = getattr(fast, "traced", None)
+    if native is not None and getattr(fast, "window_ms", None) == window_ms:
+        return native
+
+    def traced(raw: bytes, now: int) -> tuple[bytes, bytes, h.Headers] | None:
+        result = fast(raw, now)
+        if result is None:
+            return None
+        value, key, close_ms, trade_id = result
+        return value, key, trace_headers(close_ms, window_ms, trade_id)
+
+    return traced
+
+
 class IngestStage(LoopStage):
     name = "ingest"
 
@@ -64,23 +90,34 @@ class IngestStage(LoopStage):
         self.topic = settings.input.topic
         self.max_poll_s = 0.5
         self.decoder = decoder if decoder is not None else make_decoder(settings.input)
+        self.window_ms = _ms(settings.delay.window)
         # Exactly JsonDecoder: a subclass may parse differently, and the fast path must agree
-        # with the decoder it stands in for. Public so that benchmarks can switch it off.
-        self.fast_path: FastPath | None = None
+        # with the decoder it stands in for.
+        self.fast_path = None
         self.fast_path_name = "off"
         if type(self.decoder) is JsonDecoder:
             self.fast_path_name, self.fast_path = choose_fast_path(
                 settings.input.fast_path,
                 max_bytes=self.decoder.max_bytes,
                 skew_ms=_ms(settings.delay.max_clock_skew),
+                window_ms=self.window_ms,
             )
         self.batch_size = batch_size
-        self.window_ms = _ms(settings.delay.window)
         self.skew_ms = _ms(settings.delay.max_clock_skew)
         self.delay_topic = delay_topic(settings)
         self.dlq_topic = ingest_dlq_topic(settings)
         reasons = [DecodeError.reason_class, InvalidRecord.reason_class]
         metrics.init_stage(self.name, [self.delay_topic, self.dlq_topic], reasons)
+
+    @property
+    def fast_path(self) -> FastPath | None:
+        """Public so that benchmarks and tests can switch it off (None) or swap it."""
+        return self._fast_path
+
+    @fast_path.setter
+    def fast_path(self, fast: FastPath | None) -> None:
+        self._fast_path = fast
+        self._traced = traced_path(fast, self.window_ms)
 
     def _started(self) -> dict[str, Any]:
         return {
@@ -98,19 +135,18 @@ class IngestStage(LoopStage):
         (``BufferError``) goes the slow way round, through :meth:`Pipeline.produce`.
         """
         now = now_ms()
-        fast = self.fast_path
+        traced = self._traced
         produce = out.producer.produce
-        topic, dlq, window = self.delay_topic, self.dlq_topic, self.window_ms
+        topic, dlq = self.delay_topic, self.dlq_topic
         count = 0
         for tp, messages, _, _ in runs:
             run = out.open(tp)
             taken = dead = 0
             for msg in messages:
                 raw = msg.value()
-                result = fast(raw, now) if fast is not None and raw is not None else None
+                result = traced(raw, now) if traced is not None and raw is not None else None
                 if result is not None:
-                    value, key, close_ms, trade_id = result
-                    headers = trace_headers(close_ms, window, trade_id)
+                    value, key, headers = result
                     try:
                         produce(topic, value, key, headers=headers, on_delivery=run)
                     except BufferError:
@@ -153,16 +189,10 @@ class IngestStage(LoopStage):
         What :meth:`_handle` does for one record, in one call (the benchmarks and tests).
         """
         raw = msg.value()
-        if self.fast_path is not None and raw is not None:
-            fast = self.fast_path(raw, now)
+        if self._traced is not None and raw is not None:
+            fast = self._traced(raw, now)
             if fast is not None:
-                value, key, close_ms, trade_id = fast
-                return (
-                    self.delay_topic,
-                    value,
-                    key,
-                    trace_headers(close_ms, self.window_ms, trade_id),
-                )
+                return (self.delay_topic, *fast)
         return self._slow(msg, now)
 
     def _slow(self, msg: Message, now: int) -> Output:

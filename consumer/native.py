@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable
 from typing import Literal
 
+from consumer import headers as h
 from consumer.errors import ConfigError
 from consumer.fastpath import FastRecord, JsonFastPath
 from consumer.records import DECIMAL_SCALE
@@ -26,11 +27,12 @@ Choice = Literal["auto", "native", "python", "off"]
 MODULE = "auto_trace_native"
 
 
-def load_native(*, max_bytes: int, skew_ms: int) -> FastPath | None:
+def load_native(*, max_bytes: int, skew_ms: int, window_ms: int = 0) -> FastPath | None:
     """The native fast path with the contract's constants, or None if it is not installed.
 
-    Every constant comes from :mod:`consumer.trade` and :mod:`consumer.records`, so the native
-    code holds no second copy of the contract's tables.
+    Every constant comes from :mod:`consumer.trade`, :mod:`consumer.records` and
+    :mod:`consumer.headers`, so the native code holds no second copy of the contract's tables.
+    ``window_ms`` only matters to its ``traced`` method (the delay topic's due header).
     """
     try:
         module = importlib.import_module(MODULE)
@@ -43,18 +45,20 @@ def load_native(*, max_bytes: int, skew_ms: int) -> FastPath | None:
         integer_digits=MAX_INTEGER_DIGITS,
         scale=DECIMAL_SCALE,
         currencies=set(ISO_4217_CODES),
+        window_ms=window_ms,
+        header_names=(h.DUE_MS, h.CLOSE_MS, h.TRADE_ID),
     )
     return fast
 
 
 def choose_fast_path(
-    choice: Choice, *, max_bytes: int, skew_ms: int
+    choice: Choice, *, max_bytes: int, skew_ms: int, window_ms: int = 0
 ) -> tuple[str, FastPath | None]:
     """``(name, fast path)`` for ``input.fast_path``; the name goes into ingest's start line."""
     if choice == "off":
         return "off", None
     if choice in ("auto", "native"):
-        native = load_native(max_bytes=max_bytes, skew_ms=skew_ms)
+        native = load_native(max_bytes=max_bytes, skew_ms=skew_ms, window_ms=window_ms)
         if native is not None:
             return "native", native
         if choice == "native":

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyString};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -139,29 +139,44 @@ struct Trade<'a> {
     raw: [Option<&'a RawValue>; 8],
 }
 
-const TEXT: [&str; 10] = [
-    "event_id",
-    "trade_id",
-    "instrument",
-    "side",
-    "currency",
-    "account_id",
-    "user_id",
-    "client_id",
-    "user_email",
-    "user_name",
-];
-const OPTIONAL: [&str; 4] = ["signal_id", "close_reason", "client_ip", "comment"];
-const RAW: [&str; 8] = [
-    "volume",
-    "entry_price",
-    "exit_price",
-    "profit_loss",
-    "commission",
-    "swap",
-    "open_time",
-    "close_time",
-];
+/// Where a field's value goes: its index in [`Trade`]'s `text`, `optional` or `raw`, in the
+/// order `FastPath::encode` reads them.
+enum Slot {
+    Text(usize),
+    Optional(usize),
+    Raw(usize),
+    Ignored,
+}
+
+/// One `match` (the compiler dispatches on length, then bytes): three scans of name tables for
+/// each of a record's ~20 keys were a tenth of the parse.
+fn slot(key: &str) -> Slot {
+    match key {
+        "event_id" => Slot::Text(0),
+        "trade_id" => Slot::Text(1),
+        "instrument" => Slot::Text(2),
+        "side" => Slot::Text(3),
+        "currency" => Slot::Text(4),
+        "account_id" => Slot::Text(5),
+        "user_id" => Slot::Text(6),
+        "client_id" => Slot::Text(7),
+        "user_email" => Slot::Text(8),
+        "user_name" => Slot::Text(9),
+        "signal_id" => Slot::Optional(0),
+        "close_reason" => Slot::Optional(1),
+        "client_ip" => Slot::Optional(2),
+        "comment" => Slot::Optional(3),
+        "volume" => Slot::Raw(0),
+        "entry_price" => Slot::Raw(1),
+        "exit_price" => Slot::Raw(2),
+        "profit_loss" => Slot::Raw(3),
+        "commission" => Slot::Raw(4),
+        "swap" => Slot::Raw(5),
+        "open_time" => Slot::Raw(6),
+        "close_time" => Slot::Raw(7),
+        _ => Slot::Ignored,
+    }
+}
 
 impl<'de> Deserialize<'de> for Trade<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -174,15 +189,13 @@ impl<'de> Deserialize<'de> for Trade<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut trade = Trade::default();
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
-                    let key = key.as_ref();
-                    if let Some(i) = TEXT.iter().position(|n| *n == key) {
-                        trade.text[i] = Some(map.next_value()?);
-                    } else if let Some(i) = OPTIONAL.iter().position(|n| *n == key) {
-                        trade.optional[i] = Some(map.next_value()?);
-                    } else if let Some(i) = RAW.iter().position(|n| *n == key) {
-                        trade.raw[i] = Some(map.next_value()?);
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
+                    match slot(key.as_ref()) {
+                        Slot::Text(i) => trade.text[i] = Some(map.next_value()?),
+                        Slot::Optional(i) => trade.optional[i] = Some(map.next_value()?),
+                        Slot::Raw(i) => trade.raw[i] = Some(map.next_value()?),
+                        Slot::Ignored => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
                     }
                 }
                 Ok(trade)
@@ -202,6 +215,9 @@ enum Scalar<'a> {
 fn scalar(raw: &RawValue) -> Option<Scalar<'_>> {
     let text = raw.get();
     match text.as_bytes().first()? {
+        // The record's parse already checked it is a JSON string: without a backslash, its
+        // text is what lies between the quotes.
+        b'"' if !text.contains('\\') => Some(Scalar::Text(Cow::Borrowed(&text[1..text.len() - 1]))),
         b'"' => serde_json::from_str::<Text<'_>>(text)
             .ok()
             .map(|t| Scalar::Text(t.0)),
@@ -335,13 +351,45 @@ fn put_decimal(out: &mut Vec<u8>, unscaled: i128) {
 }
 
 /// Callable on raw JSON bytes: `(value, key, close_ms, trade_id)` or None ("let pydantic
-/// decide"), as `consumer.fastpath.JsonFastPath`.
+/// decide"), as `consumer.fastpath.JsonFastPath`. [`FastPath::traced`] gives the same record
+/// with the delay topic's headers instead of the last two values.
 #[pyclass(frozen, module = "auto_trace_native")]
 struct FastPath {
     rules: Rules,
+    /// The delay window added to the close time for the due header (`traced` only).
+    #[pyo3(get)]
+    window_ms: i64,
+    /// The due, close and trade id header names, from `consumer.headers`.
+    header_names: [Py<PyString>; 3],
+}
+
+/// A decimal integer's ASCII digits, as Python's `b"%d" % n`.
+fn ascii_int(n: i64) -> ([u8; 20], usize) {
+    let mut buf = [0_u8; 20];
+    let mut start = buf.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut out = [0_u8; 20];
+    let mut len = 0;
+    if n < 0 {
+        out[0] = b'-';
+        len = 1;
+    }
+    let digits = &buf[start..];
+    out[len..len + digits.len()].copy_from_slice(digits);
+    (out, len + digits.len())
 }
 
 type Encoded = (Vec<u8>, Vec<u8>, i64, Vec<u8>);
+/// `traced`'s answer: value, key and the delay topic's headers as ingest writes them.
+type PyTraced<'py> = (Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyList>);
 /// What Python receives: the same four values as bytes, bytes, int, bytes.
 type PyEncoded<'py> = (
     Bound<'py, PyBytes>,
@@ -439,15 +487,24 @@ impl FastPath {
 #[pymethods]
 impl FastPath {
     #[new]
-    #[pyo3(signature = (*, max_bytes, skew_ms, min_time_ms, integer_digits, scale, currencies))]
+    #[pyo3(signature = (
+        *, max_bytes, skew_ms, min_time_ms, integer_digits, scale, currencies, window_ms=0,
+        header_names=None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         max_bytes: usize,
         skew_ms: i64,
         min_time_ms: i64,
         integer_digits: usize,
         scale: usize,
         currencies: HashSet<String>,
+        window_ms: i64,
+        header_names: Option<(String, String, String)>,
     ) -> PyResult<Self> {
+        // Without names, `traced` is of no use to ingest; these keep it callable all the same.
+        let names = header_names.unwrap_or_default();
         // Beyond these the unscaled value could leave i128: refuse to build, never overflow.
         if integer_digits + scale > 36 || integer_digits == 0 || scale > 18 {
             return Err(pyo3::exceptions::PyValueError::new_err(
@@ -465,6 +522,8 @@ impl FastPath {
                 unit: 10_i128.pow(scale as u32),
                 currencies,
             },
+            window_ms,
+            header_names: [names.0, names.1, names.2].map(|n| PyString::intern(py, &n).unbind()),
         })
     }
 
@@ -476,6 +535,36 @@ impl FastPath {
             close_ms,
             PyBytes::new(py, &trade_id),
         ))
+    }
+
+    /// `(value, key, headers)` or None: what ingest produces to the delay topic, in one call.
+    /// The headers are `consumer.ingest.trace_headers(close_ms, window_ms, trade_id)`, built
+    /// here because building them in Python cost about as much as the rest of this call.
+    fn traced<'py>(
+        &self,
+        py: Python<'py>,
+        raw: &[u8],
+        now_ms: i64,
+    ) -> PyResult<Option<PyTraced<'py>>> {
+        let Some((value, key, close_ms, trade_id)) = self.encode(raw, now_ms) else {
+            return Ok(None);
+        };
+        let [due_name, close_name, id_name] = &self.header_names;
+        let (due, due_len) = ascii_int(close_ms.saturating_add(self.window_ms));
+        let (close, close_len) = ascii_int(close_ms);
+        let headers = PyList::new(
+            py,
+            [
+                (due_name.bind(py), PyBytes::new(py, &due[..due_len])),
+                (close_name.bind(py), PyBytes::new(py, &close[..close_len])),
+                (id_name.bind(py), PyBytes::new(py, &trade_id)),
+            ],
+        )?;
+        Ok(Some((
+            PyBytes::new(py, &value),
+            PyBytes::new(py, &key),
+            headers,
+        )))
     }
 }
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from consumer.clients import (
     DELAYED_DEFAULTS,
     FETCH_QUEUE_BACKOFF_MS,
-    consumer_config,
     RELEASE_PRODUCER_DEFAULTS,
+    consumer_config,
     release_producer_config,
     stage_consumer_config,
 )

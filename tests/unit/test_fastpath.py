@@ -28,7 +28,7 @@ from consumer.decode import JsonDecoder
 from consumer.errors import InputError
 from consumer.fastpath import JsonFastPath
 from consumer.health import Health
-from consumer.ingest import IngestStage, trace_headers
+from consumer.ingest import IngestStage, trace_headers, traced_path
 from consumer.metrics import Metrics
 from consumer.native import FastPath, load_native
 from consumer.records import encode_trace
@@ -43,7 +43,7 @@ NOW_MS = DEFAULT_START_MS + 10 * 86_400_000
 OPEN = "2026-11-01T00:00:00Z"
 DECODER = JsonDecoder()
 FAST = JsonFastPath(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS)
-_NATIVE = load_native(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS)
+_NATIVE = load_native(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS, window_ms=WINDOW_MS)
 #: Every fast path installed, by name.
 FASTS: dict[str, FastPath] = {"python": FAST, **({"native": _NATIVE} if _NATIVE else {})}
 
@@ -76,11 +76,23 @@ def check(raw: bytes, now: int = NOW_MS) -> Result | None:
     reference = pydantic_path(raw, now)
     results = []
     for name, fast in FASTS.items():
+        traced = traced_path(fast, WINDOW_MS)
+        assert traced is not None
         for _ in range(2):
             out = fast(raw, now)
             if out is not None:
                 assert reference is not None, f"{name} fast path accepted what pydantic rejects"
                 assert out == reference, name
+            # What ingest really produces (the native module builds the headers itself).
+            with_headers = traced(raw, now)
+            if out is None:
+                assert with_headers is None, name
+            else:
+                assert with_headers == (
+                    out[0],
+                    out[1],
+                    trace_headers(out[2], WINDOW_MS, out[3]),
+                ), name
         results.append(out)
     return None if None in results else results[0]
 
@@ -547,6 +559,21 @@ def test_ingest_output_is_the_same_with_and_without_the_fast_path() -> None:
         "auto-trace-due-ms",
         str(close_ms + WINDOW_MS).encode(),
     )
+
+
+def test_ingest_takes_the_native_headers_only_when_built_for_its_window() -> None:
+    if _NATIVE is None:
+        pytest.skip("the native module is not installed (tests/unit/test_native.py says so)")
+    assert traced_path(_NATIVE, WINDOW_MS) == _NATIVE.traced  # type: ignore[attr-defined]
+    other = traced_path(_NATIVE, WINDOW_MS + 1)
+    assert other is not None and other != _NATIVE.traced  # type: ignore[attr-defined]
+    raw = raw_sample()
+    value, key, close_ms, trade_id = _NATIVE(raw, NOW_MS) or pytest.fail("declined")
+    assert other(raw, NOW_MS) == (value, key, trace_headers(close_ms, WINDOW_MS + 1, trade_id))
+    settings_ = load_settings(None, delay={"window": "7s"}, metrics={"port": 0})
+    stage = IngestStage(settings_, Metrics(), Health())
+    assert stage.fast_path_name == "native"
+    assert stage._traced == stage.fast_path.traced  # type: ignore[union-attr]
 
 
 def test_only_the_plain_json_decoder_gets_the_fast_path() -> None:
