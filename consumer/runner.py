@@ -7,6 +7,7 @@ small installations want. In Kubernetes each role is its own Deployment (and pro
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
@@ -62,6 +63,24 @@ def build_stages(
     return stages
 
 
+#: Allocations of container objects between two young-generation collections (CPython: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper cyclic collections for a process that lives on short-lived objects.
+
+    Every consumed record, header list and delivery report is a container object the cyclic
+    collector tracks, and reference counting frees nearly all of them. With CPython's default a
+    young collection ran every ~100 records, walking the batch still in hand each time and
+    promoting it to be walked again: ~5% of ingest's loop (py-spy). Freezing moves what start-up
+    built (modules, settings, clients) out of every later collection.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 class Runner:
     """Owns the stop event, the stage threads and the health server of one process."""
 
@@ -106,6 +125,7 @@ class Runner:
             )
             self.server.start()
         self.lag.start()
+        tune_gc()
         threads = [
             threading.Thread(target=self._target(s), name=s.name, daemon=True) for s in self.stages
         ]
