@@ -221,6 +221,52 @@ def test_input_the_stdlib_parser_refuses_is_declined(name: str, raw: bytes) -> N
     assert check(raw) is None, name
 
 
+def _spaced(raw: bytes) -> bytes:
+    """The same record with JSON's four whitespace characters between its tokens."""
+    return (
+        json.dumps(json.loads(raw), indent="\t", separators=(" ,", " : "))
+        .replace("\n", "\r\n")
+        .encode()
+        + b" \n"
+    )
+
+
+_HEAD = raw_sample()[:-1]  # a valid record without its closing brace
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "valid"),
+    [
+        ("number forms", _HEAD + b',"x":-0,"y":1E5,"z":0.5e-3,"w":12.0E+2,"v":0}', True),
+        ("literals", _HEAD + b',"x":true,"y":false,"z":null}', True),
+        ("whitespace", _spaced(raw_sample()), True),
+        ("an escape (the serde parse decides)", _HEAD + b',"x":"a\\"b"}', True),
+        ("an empty key", _HEAD + b',"":1}', True),
+        ("leading zero", _HEAD + b',"x":01}', False),
+        ("no digit after the point", _HEAD + b',"x":1.}', False),
+        ("a lone minus", _HEAD + b',"x":-}', False),
+        ("no exponent digit", _HEAD + b',"x":1e}', False),
+        ("no exponent digit after the sign", _HEAD + b',"x":1e+}', False),
+        ("no digit before the point", _HEAD + b',"x":.5}', False),
+        ("a plus sign", _HEAD + b',"x":+1}', False),
+        ("two numbers", _HEAD + b',"x":1-2}', False),
+        ("a short literal", _HEAD + b',"x":nul}', False),
+        ("a long literal", _HEAD + b',"x":truex}', False),
+        ("no colon", _HEAD + b',"x" 1}', False),
+        ("no comma", _HEAD + b' "x":1}', False),
+        ("a bare key", _HEAD + b",x:1}", False),
+        ("a control character in a string", _HEAD + b',"x":"a\x01b"}', False),
+        ("an unterminated string", _HEAD + b',"x":"abc', False),
+        ("text after the object", raw_sample() + b"x", False),
+    ],
+)
+def test_the_quick_scan_reads_json_as_the_stdlib_does(name: str, raw: bytes, valid: bool) -> None:
+    # The native fast path reads the usual record in one pass of its own and leaves anything
+    # else to serde_json: each form on either side of the grammar's edges.
+    assert (pydantic_path(raw) is not None) == valid, name
+    assert (check(raw) is not None) == valid, name
+
+
 @pytest.mark.parametrize(
     "changes",
     [
