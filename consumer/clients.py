@@ -115,10 +115,11 @@ DELAYED_DEFAULTS: dict[str, int] = {
     # Every resume of a held partition fetches again from its head, and all but the few records
     # due by then are dropped at the next hold: with librdkafka's 1 MB per partition, each
     # resume re-read the partition's whole waiting window (make bench R3: the release's
-    # librdkafka thread 2.9 -> 1.6 CPU s, the broker 9.0 -> 8.4, for 20k records). 8 KiB was
-    # too little for a backlog of overdue records (R1b); 64 KiB with release's 5 ms linger
-    # measured better on both (see RELEASE_PRODUCER_DEFAULTS).
-    "max.partition.fetch.bytes": 65536,
+    # librdkafka thread 2.9 -> 1.6 CPU s, the broker 9.0 -> 8.4, for 20k records). But a
+    # backlog of due records is read at one fetch per partition per round trip: 64 KiB held
+    # release (make bench R1b, window 0) to 62-93k records/s, 256 KiB gave 100-124k/s in
+    # alternating runs with the same R3 lateness and MEM; 512 KiB no more than 256.
+    "max.partition.fetch.bytes": 262144,
 }
 
 
