@@ -149,8 +149,8 @@ enum Slot {
     Ignored,
 }
 
-/// One `match` (the compiler dispatches on length, then bytes): three scans of name tables for
-/// each of a record's ~20 keys were a tenth of the parse.
+/// One `match` (the compiler dispatches on length, then bytes) rather than three scans of name
+/// tables for each of a record's ~20 keys (~4% of the native call).
 fn slot(key: &str) -> Slot {
     match key {
         "event_id" => Slot::Text(0),
@@ -313,8 +313,8 @@ impl<'a> Cursor<'a> {
 
 /// The usual record, read in one pass: a flat object whose strings hold no escape. Gives the
 /// [`Trade`] the serde parse would give, or None for anything else (an escape, a malformed
-/// or unexpected value, a field of the wrong type), which the serde parse then decides. That
-/// parse, generic over every shape of JSON, cost ~40% of the native fast path.
+/// or unexpected value, a field of the wrong type), which the serde parse then decides. The
+/// native call took 1.25 µs a record this way, 1.64 µs through serde_json's generic parse.
 fn scan(text: &str) -> Option<Trade<'_>> {
     let mut c = Cursor { text, at: 0 };
     if c.peek()? != b'{' {
@@ -525,9 +525,10 @@ struct FastPath {
     header_names: [Py<PyString>; 3],
 }
 
-/// A decimal integer's ASCII digits, as Python's `b"%d" % n`.
+/// A decimal integer's ASCII digits, as Python's `b"%d" % n`: written from the end of the
+/// buffer, so the text is `buf[start..]`.
 fn ascii_int(n: i64) -> ([u8; 20], usize) {
-    let mut buf = [0_u8; 20];
+    let mut buf = [0_u8; 20]; // i64::MIN: a sign and 19 digits
     let mut start = buf.len();
     let mut rest = n.unsigned_abs();
     loop {
@@ -538,15 +539,11 @@ fn ascii_int(n: i64) -> ([u8; 20], usize) {
             break;
         }
     }
-    let mut out = [0_u8; 20];
-    let mut len = 0;
     if n < 0 {
-        out[0] = b'-';
-        len = 1;
+        start -= 1;
+        buf[start] = b'-';
     }
-    let digits = &buf[start..];
-    out[len..len + digits.len()].copy_from_slice(digits);
-    (out, len + digits.len())
+    (buf, start)
 }
 
 type Encoded = (Vec<u8>, Vec<u8>, i64, Vec<u8>);
@@ -722,13 +719,13 @@ impl FastPath {
             return Ok(None);
         };
         let [due_name, close_name, id_name] = &self.header_names;
-        let (due, due_len) = ascii_int(close_ms.saturating_add(self.window_ms));
-        let (close, close_len) = ascii_int(close_ms);
+        let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
+        let (close, close_start) = ascii_int(close_ms);
         let headers = PyList::new(
             py,
             [
-                (due_name.bind(py), PyBytes::new(py, &due[..due_len])),
-                (close_name.bind(py), PyBytes::new(py, &close[..close_len])),
+                (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
+                (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
                 (id_name.bind(py), PyBytes::new(py, &trade_id)),
             ],
         )?;

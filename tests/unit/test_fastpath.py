@@ -622,6 +622,19 @@ def test_ingest_takes_the_native_headers_only_when_built_for_its_window() -> Non
     assert stage._traced == stage.fast_path.traced  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("window_ms", [0, 1, 86_400_000, -NOW_MS, -(2**62)])
+def test_the_native_header_digits_are_pythons(window_ms: int) -> None:
+    # The due header's digits are written natively; a negative due never comes from settings
+    # (the window is a positive duration) but the sign must still come out right.
+    native = load_native(max_bytes=DECODER.max_bytes, skew_ms=SKEW_MS, window_ms=window_ms)
+    if native is None:
+        pytest.skip("the native module is not installed (tests/unit/test_native.py says so)")
+    raw = raw_sample()
+    value, key, close_ms, trade_id = native(raw, NOW_MS) or pytest.fail("declined")
+    expected = (value, key, trace_headers(close_ms, window_ms, trade_id))
+    assert native.traced(raw, NOW_MS) == expected  # type: ignore[attr-defined]
+
+
 def test_only_the_plain_json_decoder_gets_the_fast_path() -> None:
     class Stricter(JsonDecoder):
         def _parse(self, value: bytes) -> Any:
