@@ -55,8 +55,8 @@ Traced = Callable[[bytes, int], "tuple[bytes, bytes, h.Headers] | None"]
 
 def traced_path(fast: FastPath | None, window_ms: int) -> Traced | None:
     """The fast path with the delay topic's headers: the native module's own ``traced`` when it
-    was built for this window (headers built in Python cost about as much as the native parse,
-    make bench R1), else the fast path's record and :func:`trace_headers`."""
+    was built for this window (the headers built in Python cost ~0.4 µs a record more), else
+    the fast path's record and :func:`trace_headers`."""
     if fast is None:
         return None
     native: Traced | None = getattr(fast, "traced", None)

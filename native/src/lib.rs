@@ -657,8 +657,8 @@ impl FastPath {
 impl FastPath {
     #[new]
     #[pyo3(signature = (
-        *, max_bytes, skew_ms, min_time_ms, integer_digits, scale, currencies, window_ms=0,
-        header_names=None,
+        *, max_bytes, skew_ms, min_time_ms, integer_digits, scale, currencies, header_names,
+        window_ms=0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -669,11 +669,9 @@ impl FastPath {
         integer_digits: usize,
         scale: usize,
         currencies: HashSet<String>,
+        header_names: (String, String, String),
         window_ms: i64,
-        header_names: Option<(String, String, String)>,
     ) -> PyResult<Self> {
-        // Without names, `traced` is of no use to ingest; these keep it callable all the same.
-        let names = header_names.unwrap_or_default();
         // Beyond these the unscaled value could leave i128: refuse to build, never overflow.
         if integer_digits + scale > 36 || integer_digits == 0 || scale > 18 {
             return Err(pyo3::exceptions::PyValueError::new_err(
@@ -692,7 +690,8 @@ impl FastPath {
                 currencies,
             },
             window_ms,
-            header_names: [names.0, names.1, names.2].map(|n| PyString::intern(py, &n).unbind()),
+            header_names: [header_names.0, header_names.1, header_names.2]
+                .map(|n| PyString::intern(py, &n).unbind()),
         })
     }
 
@@ -708,7 +707,7 @@ impl FastPath {
 
     /// `(value, key, headers)` or None: what ingest produces to the delay topic, in one call.
     /// The headers are `consumer.ingest.trace_headers(close_ms, window_ms, trade_id)`, built
-    /// here because building them in Python cost about as much as the rest of this call.
+    /// here: in Python they cost ~0.4 µs a record more (1.84 against 2.27 µs with the call).
     fn traced<'py>(
         &self,
         py: Python<'py>,
