@@ -131,12 +131,14 @@ class IngestStage(LoopStage):
 
         Everything else is per run (a partition's consecutive records of the batch): its
         partition, its acknowledgement counter (:class:`~consumer.stage.InFlight`), its
-        offsets. ``produce()`` is called here with the run as the callback; a full local queue
-        (``BufferError``) goes the slow way round, through :meth:`Pipeline.produce`.
+        offsets. ``produce()`` is called here with the run as the callback, with positional
+        arguments when the process checked that they mean what they say
+        (:attr:`Pipeline.positional`); a full local queue (``BufferError``) goes the slow way
+        round, through :meth:`Pipeline.produce`.
         """
         now = now_ms()
         traced = self._traced
-        produce = out.producer.produce
+        produce, positional = out.producer.produce, out.positional
         topic, dlq = self.delay_topic, self.dlq_topic
         count = 0
         for tp, messages, _, _ in runs:
@@ -148,7 +150,10 @@ class IngestStage(LoopStage):
                 if result is not None:
                     value, key, headers = result
                     try:
-                        produce(topic, value, key, headers=headers, on_delivery=run)
+                        if positional:
+                            produce(topic, value, key, -1, run, None, 0, headers)
+                        else:
+                            produce(topic, value, key, headers=headers, on_delivery=run)
                     except BufferError:
                         out.produce(topic, value, key, headers, run)
                 else:

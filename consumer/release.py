@@ -137,7 +137,7 @@ class ReleaseStage(LoopStage):
         with the runs: the consumer read them to decide what is due."""
         now = now_ms()
         sinks = self.sinks
-        produce = out.producer.produce
+        produce, positional = out.producer.produce, out.positional
         count = 0
         for tp, messages, dues, read in runs:
             run = out.open(tp)
@@ -147,7 +147,10 @@ class ReleaseStage(LoopStage):
                 key, value = msg.key(), msg.value()
                 for topic in sinks:
                     try:
-                        produce(topic, value, key, headers=headers, on_delivery=run)
+                        if positional:
+                            produce(topic, value, key, -1, run, None, 0, headers)
+                        else:
+                            produce(topic, value, key, headers=headers, on_delivery=run)
                     except BufferError:
                         out.produce(topic, value, key, headers, run)
             n = len(messages)

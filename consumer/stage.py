@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer import headers as h
-from consumer.clients import make_consumer, make_producer
+from consumer.clients import make_consumer, make_producer, positional_produce
 from consumer.config import Settings
 from consumer.delayed import TP, DelayedConsumer, Run
 from consumer.health import Health
@@ -127,6 +127,9 @@ class Pipeline:
         self._stage = stage
         self._consumer = consumer
         self._ack_timeout = ack_timeout
+        #: Whether a hot loop may call ``producer.produce`` with positional arguments (checked
+        #: once per process: :func:`~consumer.clients.positional_produce`).
+        self.positional = positional_produce()
         self._queues: dict[TP, deque[InFlight]] = {}
         self._failures: list[InFlight] = []
         self._pending = 0
@@ -148,8 +151,8 @@ class Pipeline:
     ) -> None:
         """Produce one output of ``run``, waiting for room in a full local queue.
 
-        A hot loop may call ``producer.produce(..., on_delivery=run)`` itself and come here
-        only on ``BufferError``.
+        A hot loop may call ``producer.produce(..., on_delivery=run)`` itself (positionally if
+        :attr:`positional`) and come here only on ``BufferError``.
         """
         while True:
             try:

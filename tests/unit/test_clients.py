@@ -1,8 +1,14 @@
 """The client settings each stage chooses for itself, and that a user's ``kafka.client`` value
-wins over them while the guarantee-critical ones win over the user (README "Configuration")."""
+wins over them while the guarantee-critical ones win over the user (README "Configuration");
+and the check that lets hot loops call ``produce()`` with positional arguments."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
+from consumer import clients
 from consumer.clients import (
     DELAYED_DEFAULTS,
     FETCH_QUEUE_BACKOFF_MS,
@@ -59,3 +65,59 @@ def test_every_consumer_fetches_again_soon_after_its_queue_was_full_unless_told_
     assert FETCH_QUEUE_BACKOFF_MS < 1000
     mine = consumer_config(_settings({"fetch.queue.backoff.ms": 500}), "g")
     assert mine["fetch.queue.backoff.ms"] == 500
+
+
+def test_the_hot_loops_positional_produce_passes_its_check() -> None:
+    # If a confluent-kafka release moved produce()'s parameters, the stages would quietly fall
+    # back to keywords: this makes the upgrade visible here instead.
+    assert clients.positional_produce() is True
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "wrong"),
+    [
+        ("the hot loops' order", clients._positional, False),
+        (
+            "keywords",
+            lambda cb: (clients._CHECK_TOPIC, clients._CHECK_VALUE, clients._CHECK_KEY),
+            True,  # no callback, no headers
+        ),
+        (
+            "the documented order (headers where the timestamp goes)",
+            lambda cb: (
+                clients._CHECK_TOPIC,
+                clients._CHECK_VALUE,
+                clients._CHECK_KEY,
+                -1,
+                cb,
+                0,
+                clients._CHECK_HEADERS,
+            ),
+            True,
+        ),
+        (
+            "key and value swapped",
+            lambda cb: (
+                clients._CHECK_TOPIC,
+                clients._CHECK_KEY,
+                clients._CHECK_VALUE,
+                -1,
+                cb,
+                None,
+                0,
+                clients._CHECK_HEADERS,
+            ),
+            True,
+        ),
+        (
+            "no headers",
+            lambda cb: (clients._CHECK_TOPIC, clients._CHECK_VALUE, clients._CHECK_KEY, -1, cb),
+            True,
+        ),
+    ],
+)
+def test_the_produce_round_trip_tells_a_wrong_call_from_a_right_one(
+    name: str, arguments: Any, wrong: bool
+) -> None:
+    why = clients.produce_round_trip(arguments)
+    assert bool(why) == wrong, (name, why)
