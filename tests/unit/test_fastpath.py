@@ -268,6 +268,44 @@ def test_the_quick_scan_reads_json_as_the_stdlib_does(name: str, raw: bytes, val
 
 
 @pytest.mark.parametrize(
+    ("stop", "valid"),
+    [
+        (b'\\"', True),  # an escaped quote: the serde parse decides
+        (b"\\\\", True),  # an escaped backslash
+        (b"\x1f", False),  # a control character
+        (b"\x00", False),
+        (b"\xc3\xa9", True),  # non-ASCII: no stop
+        (b"\x7f", True),  # DEL is not a control character to JSON
+        (b" ", True),  # the smallest byte that is not one
+    ],
+)
+def test_a_string_ends_where_the_stdlib_says_at_any_offset(stop: bytes, valid: bool) -> None:
+    # The native scan looks for a string's end eight bytes at a time: put each kind of byte at
+    # every offset of a word, and in the bytes after the last whole word.
+    for before in range(18):
+        for field in ("instrument", "trade_id"):  # both are copied to the output
+            text = b"a" * before + stop + b"b" * (before % 5) + b"Z"
+            raw = _HEAD + b',"x":1,"' + field.encode() + b'":"' + text + b'"}'
+            assert (pydantic_path(raw) is not None) == valid, (before, field)
+            assert (check(raw) is not None) == valid, (before, field)
+
+
+def test_an_event_id_is_a_uuid_in_every_position() -> None:
+    # The native check reads the dashes and the hex digits separately: a wrong byte anywhere,
+    # and a dash anywhere else, is declined by both sides.
+    uuid = "5f0c3a5e-8d4e-4b8a-9a7e-0a1b2c3d4e5F"
+    assert check(raw_sample(event_id=uuid)) is not None
+    for i in range(len(uuid)):
+        for wrong in ("g", "-", "/", ":", "@", "G", "`"):
+            if uuid[i] == wrong:
+                continue
+            changed = uuid[:i] + wrong + uuid[i + 1 :]
+            assert check(raw_sample(event_id=changed)) is None, changed
+    assert check(raw_sample(event_id=uuid + "0")) is None
+    assert check(raw_sample(event_id=uuid[:-1])) is None
+
+
+@pytest.mark.parametrize(
     "changes",
     [
         {"volume": "0"},
