@@ -594,7 +594,25 @@ fn ascii_int(n: i64) -> ([u8; 20], usize) {
     (buf, start)
 }
 
-type Encoded = (Vec<u8>, Vec<u8>, i64, Vec<u8>);
+/// The record's Avro value (in the caller's buffer), then its key, close time and trade id:
+/// the two texts borrowed from the input whenever they stand in it unescaped (the usual case).
+type Encoded<'a> = (Cow<'a, [u8]>, i64, Cow<'a, [u8]>);
+
+/// `text` as a slice of `raw` when it lies inside `raw` (a string read without unescaping),
+/// else a copy: saves two allocations and copies a record, without `unsafe`.
+fn within<'a>(raw: &'a [u8], text: &str) -> Cow<'a, [u8]> {
+    let start = (text.as_ptr() as usize).wrapping_sub(raw.as_ptr() as usize);
+    match raw.get(start..start.wrapping_add(text.len())) {
+        Some(slice) if slice.as_ptr() == text.as_ptr() => Cow::Borrowed(slice),
+        _ => Cow::Owned(text.as_bytes().to_vec()),
+    }
+}
+
+thread_local! {
+    /// Where each record's Avro value is written before Python copies it: one buffer per
+    /// thread, reused, instead of an allocation a record.
+    static VALUE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
 /// `traced`'s answer: value, key and the delay topic's headers as ingest writes them.
 type PyTraced<'py> = (Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyList>);
 /// What Python receives: the same four values as bytes, bytes, int, bytes.
@@ -606,7 +624,7 @@ type PyEncoded<'py> = (
 );
 
 impl FastPath {
-    fn encode(&self, raw: &[u8], now_ms: i64) -> Option<Encoded> {
+    fn encode<'a>(&self, raw: &'a [u8], now_ms: i64, value: &mut Vec<u8>) -> Option<Encoded<'a>> {
         let r = &self.rules;
         if raw.is_empty() || raw.len() > r.max_bytes {
             return None;
@@ -676,28 +694,28 @@ impl FastPath {
             return None;
         }
 
-        let mut value = Vec::with_capacity(160 + trade_id.len() + instrument.len());
-        put_string(&mut value, event_id);
-        put_string(&mut value, trade_id);
+        value.clear();
+        put_string(value, event_id);
+        put_string(value, trade_id);
         match signal {
             None => value.push(0x00),
             Some(s) => {
                 value.push(0x02);
-                put_string(&mut value, s);
+                put_string(value, s);
             }
         }
-        put_string(&mut value, instrument);
+        put_string(value, instrument);
         value.extend_from_slice(side);
         for unscaled in amounts {
-            put_decimal(&mut value, unscaled);
+            put_decimal(value, unscaled);
         }
-        put_string(&mut value, currency);
-        put_long(&mut value, open_ms);
-        put_long(&mut value, close_ms);
+        put_string(value, currency);
+        put_long(value, open_ms);
+        put_long(value, close_ms);
         value.extend_from_slice(reason);
 
-        let key = signal.unwrap_or(trade_id).as_bytes().to_vec();
-        Some((value, key, close_ms, trade_id.as_bytes().to_vec()))
+        let key = within(raw, signal.unwrap_or(trade_id));
+        Some((key, close_ms, within(raw, trade_id)))
     }
 }
 
@@ -744,13 +762,15 @@ impl FastPath {
     }
 
     fn __call__<'py>(&self, py: Python<'py>, raw: &[u8], now_ms: i64) -> Option<PyEncoded<'py>> {
-        let (value, key, close_ms, trade_id) = self.encode(raw, now_ms)?;
-        Some((
-            PyBytes::new(py, &value),
-            PyBytes::new(py, &key),
-            close_ms,
-            PyBytes::new(py, &trade_id),
-        ))
+        VALUE.with_borrow_mut(|value| {
+            let (key, close_ms, trade_id) = self.encode(raw, now_ms, value)?;
+            Some((
+                PyBytes::new(py, value),
+                PyBytes::new(py, &key),
+                close_ms,
+                PyBytes::new(py, &trade_id),
+            ))
+        })
     }
 
     /// `(value, key, headers)` or None: what ingest produces to the delay topic, in one call.
@@ -762,25 +782,27 @@ impl FastPath {
         raw: &[u8],
         now_ms: i64,
     ) -> PyResult<Option<PyTraced<'py>>> {
-        let Some((value, key, close_ms, trade_id)) = self.encode(raw, now_ms) else {
-            return Ok(None);
-        };
-        let [due_name, close_name, id_name] = &self.header_names;
-        let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
-        let (close, close_start) = ascii_int(close_ms);
-        let headers = PyList::new(
-            py,
-            [
-                (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
-                (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
-                (id_name.bind(py), PyBytes::new(py, &trade_id)),
-            ],
-        )?;
-        Ok(Some((
-            PyBytes::new(py, &value),
-            PyBytes::new(py, &key),
-            headers,
-        )))
+        VALUE.with_borrow_mut(|value| {
+            let Some((key, close_ms, trade_id)) = self.encode(raw, now_ms, value) else {
+                return Ok(None);
+            };
+            let [due_name, close_name, id_name] = &self.header_names;
+            let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
+            let (close, close_start) = ascii_int(close_ms);
+            let headers = PyList::new(
+                py,
+                [
+                    (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
+                    (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
+                    (id_name.bind(py), PyBytes::new(py, &trade_id)),
+                ],
+            )?;
+            Ok(Some((
+                PyBytes::new(py, value),
+                PyBytes::new(py, &key),
+                headers,
+            )))
+        })
     }
 }
 
