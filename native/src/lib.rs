@@ -110,9 +110,43 @@ fn digits(text: &[u8]) -> Option<i128> {
 }
 
 /// The index of the first byte of `bytes` that ends a plain JSON string's text: a quote, a
-/// backslash or a control character. Eight bytes at a time: the strings are most of a record
-/// and a byte-at-a-time loop over them was ~40% of the scan.
+/// backslash or a control character. The strings are most of a record, and a byte-at-a-time
+/// loop over them was ~40% of the scan: on x86-64 sixteen bytes are compared at once (SSE2,
+/// which every x86-64 has; a string's end is usually in the first sixteen), the rest eight at
+/// a time.
 fn string_stop(bytes: &[u8]) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
+            _mm_set1_epi8,
+        };
+        let mut at = 0;
+        while at + 16 <= bytes.len() {
+            // SAFETY: SSE2 is part of the x86-64 baseline; the sixteen bytes read lie inside
+            // `bytes` (the loop condition), and an unaligned load takes any address.
+            let mask = unsafe {
+                let x = _mm_loadu_si128(bytes.as_ptr().add(at).cast());
+                let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+                // x <= 0x1f, unsigned: max(x, 0x1f) is 0x1f only then.
+                let limit = _mm_set1_epi8(0x1f);
+                let control = _mm_cmpeq_epi8(_mm_max_epu8(x, limit), limit);
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
+            };
+            if mask != 0 {
+                return Some(at + mask.trailing_zeros() as usize);
+            }
+            at += 16;
+        }
+        words_stop(&bytes[at..]).map(|n| at + n)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    words_stop(bytes)
+}
+
+/// [`string_stop`] eight bytes at a time, in plain integer arithmetic.
+fn words_stop(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Each mask's lowest set bit marks the first byte that matches (higher bits may be false

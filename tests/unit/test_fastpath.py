@@ -280,14 +280,16 @@ def test_the_quick_scan_reads_json_as_the_stdlib_does(name: str, raw: bytes, val
     ],
 )
 def test_a_string_ends_where_the_stdlib_says_at_any_offset(stop: bytes, valid: bool) -> None:
-    # The native scan looks for a string's end eight bytes at a time: put each kind of byte at
-    # every offset of a word, and in the bytes after the last whole word.
-    for before in range(18):
+    # The native scan looks for a string's end sixteen bytes at a time while sixteen remain,
+    # then eight, then one: put each kind of byte at every offset of a block, in a string at the
+    # record's start (long blocks) and at its end (the short ones).
+    for before in range(34):
         for field in ("instrument", "trade_id"):  # both are copied to the output
-            text = b"a" * before + stop + b"b" * (before % 5) + b"Z"
-            raw = _HEAD + b',"x":1,"' + field.encode() + b'":"' + text + b'"}'
-            assert (pydantic_path(raw) is not None) == valid, (before, field)
-            assert (check(raw) is not None) == valid, (before, field)
+            pair = b'"' + field.encode() + b'":"' + b"a" * before + stop + b"b" * (before % 5)
+            pair += b'Z"'
+            for raw in (b"{" + pair + b"," + _HEAD[1:] + b"}", _HEAD + b"," + pair + b"}"):
+                assert (pydantic_path(raw) is not None) == valid, (before, field, raw)
+                assert (check(raw) is not None) == valid, (before, field, raw)
 
 
 def test_an_event_id_is_a_uuid_in_every_position() -> None:
