@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from confluent_kafka import Consumer, TopicPartition
 from standardwebhooks import Webhook
 
 from consumer import headers as h
@@ -31,7 +32,7 @@ from consumer.receiver import Received, Reply, WebhookReceiver, always, fail_fir
 from consumer.release import ReleaseStage
 from consumer.samples import PERSONAL_FIELDS, sample_trade, to_json
 from consumer.sink import SinkWorker
-from consumer.topics import dlq_topic, retry_topics, sink_topic
+from consumer.topics import delay_topic, dlq_topic, retry_topics, sink_topic
 from tests.support import (
     OTHER_SECRET,
     WEBHOOK_SECRET,
@@ -636,3 +637,55 @@ def test_a_rebalance_delivers_nothing_twice(bootstrap_servers: str) -> None:
     counts = Counter(r.payload["trade_id"] for r in receiver.received if r.status == 200)
     assert set(counts) == {t["trade_id"] for t in trades}
     assert [t for t, n in counts.items() if n > 1] == []
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["positional", "keywords"])
+def test_ingest_and_release_write_the_same_records_whichever_way_they_call_produce(
+    bootstrap_servers: str, monkeypatch: pytest.MonkeyPatch, positional: bool
+) -> None:
+    # The hot loops call produce() positionally once the start-up check passed, with keywords
+    # when it failed: both must give every header, and acknowledge through the run's callback
+    # (which is what lets the input offsets be committed).
+    monkeypatch.setattr("consumer.stage.positional_produce", lambda: positional)
+    settings = make_settings(
+        bootstrap_servers,
+        delay={"window": "0s"},
+        adapters=[webhook("hook", "http://127.0.0.1:9/")],
+    )
+    create_topics(settings)
+    trades = _trades(40, close_ms=now_ms() - 60_000)
+    produce(bootstrap_servers, settings.input.topic, [(_key(t), to_json(t)) for t in trades])
+    stages = [
+        IngestStage(settings, Metrics(), Health()),
+        ReleaseStage(settings, Metrics(), Health()),
+    ]
+    with (
+        running(*stages),
+        reader(bootstrap_servers, sink_topic(settings, "hook")) as out,
+    ):
+        out.read(len(trades), timeout=30)
+    by_id = {t["trade_id"]: t for t in trades}
+    for msg in out.messages:
+        trade = by_id[header(msg, h.TRADE_ID) or ""]
+        close_ms = int(_ms(trade["close_time"]))
+        assert msg.key() == _key(trade)
+        assert int(header(msg, h.CLOSE_MS) or 0) == close_ms
+        assert int(header(msg, h.DUE_MS) or 0) == close_ms
+    assert len({header(m, h.TRADE_ID) for m in out.messages}) == len(trades)
+    # Every input record's offset was committed: every output was acknowledged to its run.
+    for topic, group in (
+        (settings.input.topic, settings.input.group),
+        (delay_topic(settings), settings.delay.group),
+    ):
+        assert _committed(bootstrap_servers, topic, group) == len(trades), topic
+
+
+def _committed(bootstrap: str, topic: str, group: str) -> int:
+    """Records before the committed offsets of ``group`` on ``topic``, all partitions."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(tp.offset, 0) for tp in committed)
+    finally:
+        consumer.close()

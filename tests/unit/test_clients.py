@@ -121,3 +121,14 @@ def test_the_produce_round_trip_tells_a_wrong_call_from_a_right_one(
 ) -> None:
     why = clients.produce_round_trip(arguments)
     assert bool(why) == wrong, (name, why)
+
+
+def test_a_failed_check_means_keywords_and_a_warning_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(clients, "produce_round_trip", lambda arguments: "read back: nothing")
+    with caplog.at_level("WARNING"):
+        assert clients.positional_produce.__wrapped__() is False
+    (record,) = [r for r in caplog.records if "positional" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "read back: nothing" in str(getattr(record, "fields", {}))
