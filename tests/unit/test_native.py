@@ -120,3 +120,79 @@ def test_ingest_runs_the_fast_path_its_setting_names(choice: str) -> None:
     assert stage.fast_path_name == expected
     assert stage._started()["fast_path"] == expected
     assert (stage.fast_path is None) == (choice == "off")
+
+
+class _Produce:
+    """Stands in for ``Producer.produce``: records each call, refuses the ``full``-th one."""
+
+    def __init__(self, full: int | None = None, error: Exception | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.full = full
+        self.error = error
+
+    def __call__(self, *args: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.full is not None and len(self.calls) == self.full:
+            self.full = None
+            raise BufferError("Local: Queue full")
+        self.calls.append(args)
+
+
+def _native_run_inputs() -> tuple[Any, list[Any], int]:
+    from confluent_kafka import Message
+
+    native_module()
+    now = 1_900_000_000_000
+    fast = native.load_native(max_bytes=1 << 20, skew_ms=0, window_ms=5_000)
+    assert fast is not None
+    values: list[bytes | None] = [
+        to_json(sample_trade(i, close_time_ms=now - 10_000 + i)) for i in range(6)
+    ]
+    values[2] = b"not json"
+    values[4] = None  # a tombstone
+    messages = [
+        Message(topic="in", partition=0, offset=i, key=None, value=v) for i, v in enumerate(values)
+    ]
+    return fast, messages, now
+
+
+def test_the_native_loop_produces_what_traced_gives_and_stops_at_what_it_declines() -> None:
+    fast, messages, now = _native_run_inputs()
+    produce, run = _Produce(), object()
+    stops = []
+    i = 0
+    while i < len(messages):
+        i, full = fast.produce_run(messages, i, now, produce, "delay", run)
+        assert full is False
+        stops.append(i)
+        i += 1
+    assert stops == [2, 4, 6]
+    expected = [fast.traced(messages[i].value(), now) for i in (0, 1, 3, 5)]
+    assert [(v, k, hs) for _, v, k, _, _, _, _, hs in produce.calls] == expected
+    for call in produce.calls:
+        # The order consumer.clients.positional_produce checks: partition any, the run as
+        # `callback`, `on_delivery` unset, timestamp now.
+        assert (call[0], call[3], call[4], call[5], call[6]) == ("delay", -1, run, None, 0)
+
+
+def test_the_native_loop_hands_back_a_record_the_queue_had_no_room_for() -> None:
+    fast, messages, now = _native_run_inputs()
+    produce = _Produce(full=1)
+    assert fast.produce_run(messages, 0, now, produce, "delay", object()) == (1, True)
+    assert len(produce.calls) == 1
+    # Any other failure of produce() is the caller's to see.
+    with pytest.raises(RuntimeError, match="boom"):
+        fast.produce_run(messages, 0, now, _Produce(error=RuntimeError("boom")), "delay", None)
+    assert fast.produce_run(messages, 6, now, produce, "delay", None) == (6, False)
+
+
+def test_ingest_runs_its_loop_in_the_native_module_only_with_the_native_fast_path() -> None:
+    native_module()
+    stage = IngestStage(load_settings(), Metrics(), Health())
+    assert stage.fast_path_name == "native"
+    assert stage._native_run is not None
+    stage.fast_path = JsonFastPath(max_bytes=1 << 20, skew_ms=0)
+    assert stage._native_run is None
+    stage.fast_path = None
+    assert stage._native_run is None
