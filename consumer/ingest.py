@@ -25,7 +25,7 @@ from consumer.log import get_logger
 from consumer.metrics import Metrics
 from consumer.native import FastPath, choose_fast_path
 from consumer.records import encode_trace
-from consumer.stage import InFlight, LoopStage, Output, Pipeline
+from consumer.stage import LoopStage, Output, Pipeline
 from consumer.topics import delay_topic, ingest_dlq_topic
 from consumer.trade import epoch_ms, project, record_key, validate_not_future
 
@@ -51,10 +51,6 @@ def trace_headers(close_ms: int, window_ms: int, trade_id: bytes) -> h.Headers:
 #: Raw JSON and now (epoch ms) → what ingest produces to the delay topic: value, key, headers;
 #: or None, "let pydantic decide".
 Traced = Callable[[bytes, int], "tuple[bytes, bytes, h.Headers] | None"]
-
-#: The native module's ``produce_run(messages, start, now, produce, topic, run)``: the index of
-#: the first record it did not produce, and whether that was for a full queue.
-NativeRun = Callable[[list[Message], int, int, Any, str, Any], tuple[int, bool]]
 
 
 def traced_path(fast: FastPath | None, window_ms: int) -> Traced | None:
@@ -122,11 +118,6 @@ class IngestStage(LoopStage):
     def fast_path(self, fast: FastPath | None) -> None:
         self._fast_path = fast
         self._traced = traced_path(fast, self.window_ms)
-        # The native module's whole loop, when its traced() is the one in use (built for this
-        # window: traced_path).
-        native = getattr(fast, "produce_run", None)
-        same_window = getattr(fast, "window_ms", None) == self.window_ms
-        self._native_run: NativeRun | None = native if same_window else None
 
     def _started(self) -> dict[str, Any]:
         return {
@@ -140,114 +131,52 @@ class IngestStage(LoopStage):
 
         Everything else is per run (a partition's consecutive records of the batch): its
         partition, its acknowledgement counter (:class:`~consumer.stage.InFlight`), its
-        offsets. ``produce()`` is called with the run as the callback, with positional
+        offsets. ``produce()`` is called here with the run as the callback, with positional
         arguments when the process checked that they mean what they say
-        (:attr:`Pipeline.positional`), and then by the native module's own loop if it is
-        installed; a full local queue (``BufferError``) goes the slow way round, through
-        :meth:`Pipeline.produce`.
+        (:attr:`Pipeline.positional`); a full local queue (``BufferError``) goes the slow way
+        round, through :meth:`Pipeline.produce`.
         """
         now = now_ms()
-        native = self._native_run if out.positional else None
+        traced = self._traced
+        produce, positional = out.producer.produce, out.positional
+        topic, dlq = self.delay_topic, self.dlq_topic
         count = 0
         for tp, messages, _, _ in runs:
             run = out.open(tp)
-            if native is not None:
-                taken, dead = self._run_native(consumer, out, messages, run, now, native)
-            else:
-                taken, dead = self._run(consumer, out, messages, run, now)
+            taken = dead = 0
+            for msg in messages:
+                raw = msg.value()
+                result = traced(raw, now) if traced is not None and raw is not None else None
+                if result is not None:
+                    value, key, headers = result
+                    try:
+                        if positional:
+                            produce(topic, value, key, -1, run, None, 0, headers)
+                        else:
+                            produce(topic, value, key, headers=headers, on_delivery=run)
+                    except BufferError:
+                        out.produce(topic, value, key, headers, run)
+                else:
+                    try:
+                        output = self._slow(msg, now)
+                    except RegistryUnavailable:
+                        # Not the record's fault: hold the partition and try it again later;
+                        # the rest of its run is fetched again after the hold.
+                        self._back_off(consumer, msg)
+                        break
+                    out.produce(*output, run)
+                    if output[0] == dlq:
+                        dead += 1
+                taken += 1
             if taken:
                 first, last = messages[0].offset(), messages[taken - 1].offset()
                 assert first is not None and last is not None
-                outputs = {self.delay_topic: taken - dead}
-                if dead:
-                    outputs[self.dlq_topic] = dead
+                outputs = {topic: taken - dead, dlq: dead} if dead else {topic: taken}
                 out.close(run, first, last, taken, outputs)
             count += len(messages)
         self.metrics.records_in.labels(self.name).inc(count)
         # Acknowledgements that already arrived store their offsets now.
         out.settle()
-
-    def _run(
-        self,
-        consumer: DelayedConsumer,
-        out: Pipeline,
-        messages: list[Message],
-        run: InFlight,
-        now: int,
-    ) -> tuple[int, int]:
-        """One run's records, the loop in Python: how many were taken, how many of them went
-        to the DLQ (the rest of the run waits if the Schema Registry is unreachable)."""
-        traced = self._traced
-        produce, positional = out.producer.produce, out.positional
-        topic = self.delay_topic
-        taken = dead = 0
-        for msg in messages:
-            raw = msg.value()
-            result = traced(raw, now) if traced is not None and raw is not None else None
-            if result is not None:
-                value, key, headers = result
-                try:
-                    if positional:
-                        produce(topic, value, key, -1, run, None, 0, headers)
-                    else:
-                        produce(topic, value, key, headers=headers, on_delivery=run)
-                except BufferError:
-                    out.produce(topic, value, key, headers, run)
-            else:
-                went = self._one_slow(consumer, out, msg, run, now)
-                if went is None:
-                    break
-                dead += went == self.dlq_topic
-            taken += 1
-        return taken, dead
-
-    def _run_native(
-        self,
-        consumer: DelayedConsumer,
-        out: Pipeline,
-        messages: list[Message],
-        run: InFlight,
-        now: int,
-        native: NativeRun,
-    ) -> tuple[int, int]:
-        """:meth:`_run` with the loop in the native module (~0.13 µs a record less); it
-        stops at each record it does not produce, which is taken here."""
-        produce, topic, traced = out.producer.produce, self.delay_topic, self._traced
-        assert traced is not None
-        i, n = 0, len(messages)
-        dead = 0
-        while i < n:
-            i, full = native(messages, i, now, produce, topic, run)
-            if i >= n:
-                break
-            msg = messages[i]
-            if full:
-                result = traced(msg.value() or b"", now)
-                assert result is not None
-                out.produce(topic, *result, run)
-            else:
-                went = self._one_slow(consumer, out, msg, run, now)
-                if went is None:
-                    return i, dead
-                dead += went == self.dlq_topic
-            i += 1
-        return n, dead
-
-    def _one_slow(
-        self, consumer: DelayedConsumer, out: Pipeline, msg: Message, run: InFlight, now: int
-    ) -> str | None:
-        """A record the fast path declined, through the pydantic path: the topic it went to,
-        or None if the Schema Registry is unreachable (the partition is held and the record
-        not taken)."""
-        try:
-            output = self._slow(msg, now)
-        except RegistryUnavailable:
-            # Not the record's fault: hold the partition and try it again later; the rest of
-            # its run is fetched again after the hold.
-            self._back_off(consumer, msg)
-            return None
-        out.produce(*output, run)
-        return output[0]
 
     def _back_off(self, consumer: DelayedConsumer, msg: Message) -> None:
         tp = (msg.topic() or "", msg.partition() or 0)

@@ -15,8 +15,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
-use pyo3::exceptions::PyBufferError;
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -818,80 +816,27 @@ impl FastPath {
         raw: &[u8],
         now_ms: i64,
     ) -> PyResult<Option<PyTraced<'py>>> {
-        VALUE.with_borrow_mut(|value| self.traced_into(py, raw, now_ms, value))
-    }
-
-    /// Ingest's hot loop over one run of records, from `messages[start]` on: each record's
-    /// [`traced`](FastPath::traced) output goes to
-    /// `produce(topic, value, key, -1, run, None, 0, headers)` (the positional order
-    /// `consumer.clients.positional_produce` checked). Returns the index of the first record
-    /// not produced, and whether `produce()` refused it for a full queue (`BufferError`);
-    /// otherwise the fast path declined it, or every record was produced (the index is then
-    /// `len(messages)`). Python takes that record its own way and calls again from the next.
-    /// The interpreter's own share of the loop was ~0.15-0.25 µs a record.
-    #[allow(clippy::too_many_arguments)]
-    fn produce_run(
-        &self,
-        py: Python<'_>,
-        messages: &Bound<'_, PyList>,
-        start: usize,
-        now_ms: i64,
-        produce: &Bound<'_, PyAny>,
-        topic: &Bound<'_, PyAny>,
-        run: &Bound<'_, PyAny>,
-    ) -> PyResult<(usize, bool)> {
-        let value_name = intern!(py, "value");
-        VALUE.with_borrow_mut(|buffer| {
-            for i in start..messages.len() {
-                let raw = messages.get_item(i)?.call_method0(value_name)?;
-                let Ok(raw) = raw.cast::<PyBytes>() else {
-                    return Ok((i, false)); // None (a tombstone) or not bytes
-                };
-                let Some((value, key, headers)) =
-                    self.traced_into(py, raw.as_bytes(), now_ms, buffer)?
-                else {
-                    return Ok((i, false));
-                };
-                let args = (topic, value, key, -1, run, py.None(), 0, headers);
-                if let Err(err) = produce.call1(args) {
-                    if err.is_instance_of::<PyBufferError>(py) {
-                        return Ok((i, true));
-                    }
-                    return Err(err);
-                }
-            }
-            Ok((messages.len(), false))
+        VALUE.with_borrow_mut(|value| {
+            let Some((key, close_ms, trade_id)) = self.encode(raw, now_ms, value) else {
+                return Ok(None);
+            };
+            let [due_name, close_name, id_name] = &self.header_names;
+            let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
+            let (close, close_start) = ascii_int(close_ms);
+            let headers = PyList::new(
+                py,
+                [
+                    (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
+                    (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
+                    (id_name.bind(py), PyBytes::new(py, &trade_id)),
+                ],
+            )?;
+            Ok(Some((
+                PyBytes::new(py, value),
+                PyBytes::new(py, &key),
+                headers,
+            )))
         })
-    }
-}
-
-impl FastPath {
-    fn traced_into<'py>(
-        &self,
-        py: Python<'py>,
-        raw: &[u8],
-        now_ms: i64,
-        value: &mut Vec<u8>,
-    ) -> PyResult<Option<PyTraced<'py>>> {
-        let Some((key, close_ms, trade_id)) = self.encode(raw, now_ms, value) else {
-            return Ok(None);
-        };
-        let [due_name, close_name, id_name] = &self.header_names;
-        let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
-        let (close, close_start) = ascii_int(close_ms);
-        let headers = PyList::new(
-            py,
-            [
-                (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
-                (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
-                (id_name.bind(py), PyBytes::new(py, &trade_id)),
-            ],
-        )?;
-        Ok(Some((
-            PyBytes::new(py, value),
-            PyBytes::new(py, &key),
-            headers,
-        )))
     }
 }
 
