@@ -32,7 +32,7 @@ from consumer.receiver import Received, Reply, WebhookReceiver, always, fail_fir
 from consumer.release import ReleaseStage
 from consumer.samples import PERSONAL_FIELDS, sample_trade, to_json
 from consumer.sink import SinkWorker
-from consumer.topics import delay_topic, dlq_topic, retry_topics, sink_topic
+from consumer.topics import delay_topic, dlq_topic, ingest_dlq_topic, retry_topics, sink_topic
 from tests.support import (
     OTHER_SECRET,
     WEBHOOK_SECRET,
@@ -639,22 +639,37 @@ def test_a_rebalance_delivers_nothing_twice(bootstrap_servers: str) -> None:
     assert [t for t, n in counts.items() if n > 1] == []
 
 
-@pytest.mark.parametrize("positional", [True, False], ids=["positional", "keywords"])
+@pytest.mark.parametrize(
+    ("positional", "queue"),
+    [(True, None), (False, None), (True, 7), (False, 7)],
+    ids=["positional", "keywords", "positional-full-queue", "keywords-full-queue"],
+)
 def test_ingest_and_release_write_the_same_records_whichever_way_they_call_produce(
-    bootstrap_servers: str, monkeypatch: pytest.MonkeyPatch, positional: bool
+    bootstrap_servers: str, monkeypatch: pytest.MonkeyPatch, positional: bool, queue: int | None
 ) -> None:
     # The hot loops call produce() positionally once the start-up check passed, with keywords
     # when it failed: both must give every header, and acknowledge through the run's callback
-    # (which is what lets the input offsets be committed).
+    # (which is what lets the input offsets be committed). A producer queue of a few records
+    # makes produce() refuse records (BufferError) all the time, so the way round a full queue
+    # is taken too.
     monkeypatch.setattr("consumer.stage.positional_produce", lambda: positional)
+    client = {} if queue is None else {"client": {"queue.buffering.max.messages": queue}}
     settings = make_settings(
         bootstrap_servers,
         delay={"window": "0s"},
         adapters=[webhook("hook", "http://127.0.0.1:9/")],
+        kafka=client,
     )
     create_topics(settings)
-    trades = _trades(40, close_ms=now_ms() - 60_000)
-    produce(bootstrap_servers, settings.input.topic, [(_key(t), to_json(t)) for t in trades])
+    trades = _trades(120, close_ms=now_ms() - 60_000)
+    poison = [(b"poison", b"{not json")] * 3
+    produce(
+        bootstrap_servers,
+        settings.input.topic,
+        [(_key(t), to_json(t)) for t in trades[:60]]
+        + poison
+        + [(_key(t), to_json(t)) for t in trades[60:]],
+    )
     stages = [
         IngestStage(settings, Metrics(), Health()),
         ReleaseStage(settings, Metrics(), Health()),
@@ -662,8 +677,10 @@ def test_ingest_and_release_write_the_same_records_whichever_way_they_call_produ
     with (
         running(*stages),
         reader(bootstrap_servers, sink_topic(settings, "hook")) as out,
+        reader(bootstrap_servers, ingest_dlq_topic(settings)) as dead,
     ):
-        out.read(len(trades), timeout=30)
+        out.read(len(trades), timeout=60)
+        dead.read(len(poison), timeout=30)
     by_id = {t["trade_id"]: t for t in trades}
     for msg in out.messages:
         trade = by_id[header(msg, h.TRADE_ID) or ""]
@@ -673,11 +690,11 @@ def test_ingest_and_release_write_the_same_records_whichever_way_they_call_produ
         assert int(header(msg, h.DUE_MS) or 0) == close_ms
     assert len({header(m, h.TRADE_ID) for m in out.messages}) == len(trades)
     # Every input record's offset was committed: every output was acknowledged to its run.
-    for topic, group in (
-        (settings.input.topic, settings.input.group),
-        (delay_topic(settings), settings.delay.group),
+    for topic, group, count in (
+        (settings.input.topic, settings.input.group, len(trades) + len(poison)),
+        (delay_topic(settings), settings.delay.group, len(trades)),
     ):
-        assert _committed(bootstrap_servers, topic, group) == len(trades), topic
+        assert _committed(bootstrap_servers, topic, group) == count, topic
 
 
 def _committed(bootstrap: str, topic: str, group: str) -> int:
