@@ -628,8 +628,9 @@ fn ascii_int(n: i64) -> ([u8; 20], usize) {
     (buf, start)
 }
 
-/// The record's Avro value (in the caller's buffer), then its key, close time and trade id:
-/// the two texts borrowed from the input whenever they stand in it unescaped (the usual case).
+/// What `encode` gives besides the Avro value it writes into the caller's buffer: the key, the
+/// close time and the trade id, the two texts borrowed from the input whenever they stand in it
+/// unescaped (the usual case).
 type Encoded<'a> = (Cow<'a, [u8]>, i64, Cow<'a, [u8]>);
 
 /// `text` as a slice of `raw` when it lies inside `raw` (a string read without unescaping),
