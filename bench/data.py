@@ -88,7 +88,6 @@ def trace_record(raw_json: bytes, window_ms: int = 0, due_ms: int | None = None)
     due = close + window_ms if due_ms is None else due_ms
     headers: h.Headers = [
         (h.DUE_MS, str(due).encode()),
-        (h.CLOSE_MS, str(close).encode()),
         (h.TRADE_ID, record["trade_id"].encode()),
     ]
     return record_key(validated), encode_trace(record), headers

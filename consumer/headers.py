@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # Set by ingest on every record of the delay topic; copied through release and retries.
+# close_time itself is in the record: ingest once wrote it in a third header,
+# auto-trace-close-ms, that no stage read and every produce() paid for. Records that still carry
+# it pass through unchanged.
 DUE_MS = "auto-trace-due-ms"  # close_time + window, epoch ms: never published before this
-CLOSE_MS = "auto-trace-close-ms"  # close_time, epoch ms
 TRADE_ID = "auto-trace-trade-id"
 
 # Set by the sink engine when a record goes to a retry tier or the DLQ.

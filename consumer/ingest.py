@@ -43,7 +43,6 @@ def trace_headers(close_ms: int, window_ms: int, trade_id: bytes) -> h.Headers:
     """The delay topic's headers, one builder for both paths so that they cannot drift apart."""
     return [
         (h.DUE_MS, b"%d" % (close_ms + window_ms)),
-        (h.CLOSE_MS, b"%d" % close_ms),
         (h.TRADE_ID, trade_id),
     ]
 

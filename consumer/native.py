@@ -46,7 +46,7 @@ def load_native(*, max_bytes: int, skew_ms: int, window_ms: int = 0) -> FastPath
         scale=DECIMAL_SCALE,
         currencies=set(ISO_4217_CODES),
         window_ms=window_ms,
-        header_names=(h.DUE_MS, h.CLOSE_MS, h.TRADE_ID),
+        header_names=(h.DUE_MS, h.TRADE_ID),
     )
     return fast
 

@@ -603,8 +603,8 @@ struct FastPath {
     /// The delay window added to the close time for the due header (`traced` only).
     #[pyo3(get)]
     window_ms: i64,
-    /// The due, close and trade id header names, from `consumer.headers`.
-    header_names: [Py<PyString>; 3],
+    /// The due and trade id header names, from `consumer.headers`.
+    header_names: [Py<PyString>; 2],
 }
 
 /// A decimal integer's ASCII digits, as Python's `b"%d" % n`: written from the end of the
@@ -770,7 +770,7 @@ impl FastPath {
         integer_digits: usize,
         scale: usize,
         currencies: HashSet<String>,
-        header_names: (String, String, String),
+        header_names: (String, String),
         window_ms: i64,
     ) -> PyResult<Self> {
         // Beyond these the unscaled value could leave i128: refuse to build, never overflow.
@@ -791,7 +791,7 @@ impl FastPath {
                 currencies,
             },
             window_ms,
-            header_names: [header_names.0, header_names.1, header_names.2]
+            header_names: [header_names.0, header_names.1]
                 .map(|n| PyString::intern(py, &n).unbind()),
         })
     }
@@ -821,14 +821,12 @@ impl FastPath {
             let Some((key, close_ms, trade_id)) = self.encode(raw, now_ms, value) else {
                 return Ok(None);
             };
-            let [due_name, close_name, id_name] = &self.header_names;
+            let [due_name, id_name] = &self.header_names;
             let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
-            let (close, close_start) = ascii_int(close_ms);
             let headers = PyList::new(
                 py,
                 [
                     (due_name.bind(py), PyBytes::new(py, &due[due_start..])),
-                    (close_name.bind(py), PyBytes::new(py, &close[close_start..])),
                     (id_name.bind(py), PyBytes::new(py, &trade_id)),
                 ],
             )?;

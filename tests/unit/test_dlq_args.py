@@ -243,7 +243,6 @@ def test_the_token_bucket_paces_after_a_small_burst() -> None:
 def test_replayed_headers_drop_the_failure_and_keep_due_trade_and_origin() -> None:
     original: h.Headers = [
         (h.DUE_MS, b"1000"),
-        (h.CLOSE_MS, b"900"),
         (h.TRADE_ID, b"T-1"),
         (h.ATTEMPTS, b"4"),
         (h.RETRY_DUE_MS, b"5000"),

@@ -19,7 +19,8 @@ from consumer.release import Lateness, due_ms
     ("headers", "due"),
     [
         ([(h.DUE_MS, b"1795687200000")], 1795687200000),
-        ([(h.CLOSE_MS, b"5"), (h.DUE_MS, b"7"), (h.TRADE_ID, b"T-1")], 7),
+        # Among others, a header that earlier versions wrote and nothing reads.
+        ([("auto-trace-close-ms", b"5"), (h.DUE_MS, b"7"), (h.TRADE_ID, b"T-1")], 7),
         ([(h.DUE_MS, b"7"), (h.DUE_MS, b"9")], 9),  # the last one wins
         ({h.DUE_MS: "11"}, 11),
         ([(h.DUE_MS, b"not a number")], 0),
