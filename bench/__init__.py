@@ -9,11 +9,14 @@ read from the record itself. Every stage runs as its own process (``python -m co
 the receiver, so no two share a GIL. Inputs are pre-loaded with a fast producer before anything
 is timed; everything the run creates is deleted at the end.
 
-The ratios R1, R1b, R4 and R6 are measured in rounds (``BENCH_ROUNDS``, 3 by default): each
+The ratios R1, R1b, R4 and R6 are measured in rounds (``BENCH_ROUNDS``, 5 by default): each
 measured leg runs between two baseline legs, is divided by their mean, and the median of the
 rounds is the ratio reported (every leg's rate is printed, in the order run). On a shared
 machine a single pair of legs can be off by a third either way; a leg between two baselines
-sees the drift on both sides, and the median drops the one round a burst of other work hit.
+sees the drift on both sides, and the median drops the rounds a burst of other work hit. With
+three rounds, R1's reported figure moved by ±0.07 from one run to the next on the same code;
+five narrow that (the median of five is less often an outlier round), and do not move its
+centre.
 
 R1    ingest records/s ÷ passthrough records/s. The same pre-loaded ``trade.closed`` topic
       (200k realistic trades, see :mod:`bench.data` for the ~525-byte records) is read by a
@@ -57,7 +60,7 @@ Each rate is shown with the CPU share of its process over exactly the measured i
 
 Environment:
     BENCH_SCALE=0.1        shrink every record count (default 1.0; floors keep runs meaningful)
-    BENCH_ROUNDS=3         rounds of each measured leg between baselines (1 for a quick look)
+    BENCH_ROUNDS=5         rounds of each measured leg between baselines (1 for a quick look)
     BENCH_ONLY=R4,R6       run only these scenarios (R1b runs R1; R6 runs R4)
     BENCH_KAFKA_CLIENT='{"queued.max.messages.kbytes": 1024}'
                            extra librdkafka settings for every stage (try a tuning, no edits)

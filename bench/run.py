@@ -74,7 +74,7 @@ class Ctx:
     budget_s: float = 600.0
     pool: list[dict[str, Any]] = field(default_factory=list)
     #: ``BENCH_ROUNDS``: how many times each measured leg runs between its baselines.
-    rounds: int = 3
+    rounds: int = 5
     #: ``BENCH_KAFKA_CLIENT`` (a JSON object): extra librdkafka settings for every stage, to
     #: try a tuning without editing code.
     client: dict[str, Any] = field(default_factory=dict)
@@ -903,11 +903,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("BENCH_SCALE must be greater than 0\n")
         return 2
     try:
-        rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+        rounds = int(os.environ.get("BENCH_ROUNDS", "5"))
     except ValueError:
         rounds = 0
     if rounds < 1:
-        sys.stderr.write("BENCH_ROUNDS must be a whole number of at least 1 (e.g. 3)\n")
+        sys.stderr.write("BENCH_ROUNDS must be a whole number of at least 1 (e.g. 5)\n")
         return 2
     try:
         client = json.loads(os.environ.get("BENCH_KAFKA_CLIENT") or "{}")
