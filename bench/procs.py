@@ -39,6 +39,15 @@ def _cpu(stat: Path) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _waited(schedstat: Path) -> float | None:
+    """Seconds the task was runnable but waiting for a core (schedstat's second field, in ns):
+    on two shared cores, how much of a stage's slowness was other work holding the CPU."""
+    try:
+        return int(schedstat.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def py_spy() -> str | None:
     """The py-spy executable (``BENCH_PROFILE``): on the PATH or next to this Python."""
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -70,6 +79,8 @@ class Sampled:
         self.samples: list[tuple[float, float]] = []
         #: Per thread name (librdkafka names its threads rdk:main, rdk:broker1, ...).
         self.thread_samples: list[tuple[float, dict[str, float]]] = []
+        #: The same times: per thread name, seconds spent runnable but waiting for a core.
+        self.wait_samples: list[dict[str, float]] = []
 
     @property
     def pid(self) -> int:
@@ -81,13 +92,15 @@ class Sampled:
     def cpu_seconds(self) -> float | None:
         return _cpu(Path(f"/proc/{self.pid}/stat"))
 
-    def thread_cpu(self) -> dict[str, float]:
-        """CPU seconds per thread name (threads of one name summed)."""
+    def thread_cpu(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds and seconds waiting for a core, per thread name (threads of one name
+        summed)."""
         out: dict[str, float] = {}
+        waits: dict[str, float] = {}
         try:
             tasks = list(Path(f"/proc/{self.pid}/task").iterdir())
         except OSError:
-            return out
+            return out, waits
         for task in tasks:
             try:
                 name = (task / "comm").read_text().strip()
@@ -96,7 +109,10 @@ class Sampled:
             cpu = _cpu(task / "stat")
             if cpu is not None:
                 out[name] = out.get(name, 0.0) + cpu
-        return out
+            waited = _waited(task / "schedstat")
+            if waited is not None:
+                waits[name] = waits.get(name, 0.0) + waited
+        return out, waits
 
     def peak_rss_kib(self) -> int | None:
         try:
@@ -113,17 +129,31 @@ class Sampled:
             now = time.time()
             self.samples.append((now, cpu))
             if self._threads:
-                self.thread_samples.append((now, self.thread_cpu()))
+                cpus, waits = self.thread_cpu()
+                self.thread_samples.append((now, cpus))
+                self.wait_samples.append(waits)
 
     def thread_shares(self, start_ms: int, end_ms: int) -> dict[str, float]:
         """Share of a core per thread name between the samples nearest the two times."""
+        return self._shares(start_ms, end_ms, waits=False)
+
+    def thread_waits(self, start_ms: int, end_ms: int) -> dict[str, float]:
+        """Per thread name, the share of the same interval spent runnable, waiting for a core."""
+        return self._shares(start_ms, end_ms, waits=True)
+
+    def _shares(self, start_ms: int, end_ms: int, *, waits: bool) -> dict[str, float]:
         if len(self.thread_samples) < 2 or end_ms <= start_ms:
             return {}
         times = [t for t, _ in self.thread_samples]
         i = min(bisect.bisect_left(times, start_ms / 1000), len(times) - 2)
         j = max(bisect.bisect_left(times, end_ms / 1000), i + 1)
         j = min(j, len(times) - 1)
-        (t0, a), (t1, b) = self.thread_samples[i], self.thread_samples[j]
+        t0, t1 = times[i], times[j]
+        a, b = (
+            (self.wait_samples[i], self.wait_samples[j])
+            if waits
+            else (self.thread_samples[i][1], self.thread_samples[j][1])
+        )
         span = max(0.001, t1 - t0)
         shares = {name: (cpu - a.get(name, 0.0)) / span for name, cpu in b.items()}
         return {n: s for n, s in sorted(shares.items(), key=lambda x: -x[1]) if s >= 0.005}

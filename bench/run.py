@@ -53,9 +53,12 @@ def _pct(share: float | None) -> str:
 
 
 def _threads(proc: Proc, start_ms: int, end_ms: int) -> str:
-    """Where a process's CPU went, by thread name (Python threads all show as 'python')."""
+    """Where a process's CPU went, by thread name (Python threads all show as 'python'), and
+    how long its Python threads were runnable but waiting for a core (other work had both)."""
     shares = proc.thread_shares(start_ms, end_ms)
-    return ", ".join(f"{name} {_pct(share)}" for name, share in list(shares.items())[:5])
+    text = ", ".join(f"{name} {_pct(share)}" for name, share in list(shares.items())[:5])
+    waited = proc.thread_waits(start_ms, end_ms).get("python")
+    return text + (f" (python waited {_pct(waited)} for a core)" if waited else "")
 
 
 @dataclass

@@ -4,7 +4,10 @@ share, sampled by pid) must be the process's own CPU time over the measured inte
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +29,33 @@ def test_cpu_share_of_a_process_by_pid_matches_its_cpu_time() -> None:
     # /proc counts in clock ticks (10 ms): 0.3 s of CPU is known to within a few ticks.
     assert abs(share - expected) < 0.15
     assert me.thread_samples == []  # threads=False: the per-task scan is skipped
+
+
+def test_time_spent_waiting_for_a_core_is_counted_per_thread() -> None:
+    # This process and a busy child share one core, so each waits for it about half the time.
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    busy = subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    try:
+        os.sched_setaffinity(0, {cpu})
+        me = Sampled("self", os.getpid())
+        name = Path("/proc/self/comm").read_text().strip()
+        me.sample()
+        start_cpu = time.process_time()
+        while time.process_time() - start_cpu < 0.3:
+            sum(range(1000))
+        me.sample()
+    finally:
+        os.sched_setaffinity(0, before)
+        busy.kill()
+        busy.wait()
+    start, end = int(me.samples[0][0] * 1000), int(me.samples[-1][0] * 1000)
+    waited = me.thread_waits(start, end).get(name, 0.0)
+    ran = me.thread_shares(start, end).get(name, 0.0)
+    assert 0.2 < waited < 1.0, (waited, ran)
+    assert 0.2 < ran < 0.9, (waited, ran)
 
 
 def test_an_unknown_pid_gives_no_share_rather_than_an_error() -> None:
