@@ -56,9 +56,14 @@ def _threads(proc: Proc, start_ms: int, end_ms: int) -> str:
     """Where a process's CPU went, by thread name (Python threads all show as 'python'), and
     how long its Python threads were runnable but waiting for a core (other work had both)."""
     shares = proc.thread_shares(start_ms, end_ms)
-    text = ", ".join(f"{name} {_pct(share)}" for name, share in list(shares.items())[:5])
-    waited = proc.thread_waits(start_ms, end_ms).get("python")
-    return text + (f" (python waited {_pct(waited)} for a core)" if waited else "")
+    waits = proc.thread_waits(start_ms, end_ms)
+
+    def one(name: str, share: float) -> str:
+        waited = waits.get(name) if name == "python" else None
+        wait = f" (+{_pct(waited)} waiting for a core)" if waited else ""
+        return f"{name} {_pct(share)}{wait}"
+
+    return ", ".join(one(name, share) for name, share in list(shares.items())[:5])
 
 
 @dataclass
