@@ -107,8 +107,15 @@ class Pipeline:
 
     """
 
-    #: Records in flight before the loop waits for acknowledgements instead of polling.
-    max_pending = 10_000
+    #: Records in flight before the loop waits for acknowledgements instead of polling. It
+    #: bounds the producer's queue (~20 MB at this size) and the work a failure redoes, and it
+    #: must ride out a pause in acknowledgements at full speed: pausing the input drops every
+    #: record librdkafka prefetched for it (up to ``queued.max.messages.kbytes``, 64 MB for
+    #: ingest by default), all fetched again on resume. At ~200k records/s, 10,000 was 50 ms of
+    #: acknowledgements; a new producer's first requests took longer, and in two of three
+    #: make bench runs the first ingest leg paused and refetched its input (R1 0.46 and 0.49 in
+    #: those rounds); no leg paused at 50,000 (six legs).
+    max_pending = 50_000
     #: While records are in flight, a poll blocks at most this long, so acknowledgements are
     #: served and offsets stored promptly even when nothing is due.
     ack_poll_s = 0.02
