@@ -17,6 +17,7 @@ from typing import Literal
 from consumer import headers as h
 from consumer.errors import ConfigError
 from consumer.fastpath import FastRecord, JsonFastPath
+from consumer.log import get_logger
 from consumer.records import DECIMAL_SCALE
 from consumer.trade import ISO_4217_CODES, MAX_INTEGER_DIGITS, MIN_TIME_MS
 
@@ -26,9 +27,13 @@ Choice = Literal["auto", "native", "python", "off"]
 
 MODULE = "auto_trace_native"
 
+log = get_logger("native")
+
 
 def load_native(*, max_bytes: int, skew_ms: int, window_ms: int = 0) -> FastPath | None:
-    """The native fast path with the contract's constants, or None if it is not installed.
+    """The native fast path with the contract's constants, or None if it is not installed or
+    was built from another version of ``native/`` (its constructor then refuses these arguments:
+    a warning says so, and ingest runs as without it rather than fail half-way).
 
     Every constant comes from :mod:`consumer.trade`, :mod:`consumer.records` and
     :mod:`consumer.headers`, so the native code holds no second copy of the contract's tables.
@@ -38,16 +43,24 @@ def load_native(*, max_bytes: int, skew_ms: int, window_ms: int = 0) -> FastPath
         module = importlib.import_module(MODULE)
     except ImportError:
         return None
-    fast: FastPath = module.FastPath(
-        max_bytes=max_bytes,
-        skew_ms=skew_ms,
-        min_time_ms=MIN_TIME_MS,
-        integer_digits=MAX_INTEGER_DIGITS,
-        scale=DECIMAL_SCALE,
-        currencies=set(ISO_4217_CODES),
-        window_ms=window_ms,
-        header_names=(h.DUE_MS, h.TRADE_ID),
-    )
+    try:
+        fast: FastPath = module.FastPath(
+            max_bytes=max_bytes,
+            skew_ms=skew_ms,
+            min_time_ms=MIN_TIME_MS,
+            integer_digits=MAX_INTEGER_DIGITS,
+            scale=DECIMAL_SCALE,
+            currencies=set(ISO_4217_CODES),
+            window_ms=window_ms,
+            header_names=(h.DUE_MS, h.TRADE_ID),
+        )
+    except TypeError as exc:
+        log.warning(
+            "native fast path built for another version of auto-trace; left out (rebuild it "
+            "with `pip install ./native`, as make install does)",
+            extra={"fields": {"module": MODULE, "error": str(exc)[:200]}},
+        )
+        return None
     return fast
 
 
@@ -63,9 +76,9 @@ def choose_fast_path(
             return "native", native
         if choice == "native":
             raise ConfigError(
-                f"input.fast_path: native, but the {MODULE} module is not installed "
-                "(build it with `pip install ./native`, which needs a Rust toolchain, or "
-                "choose auto or python)"
+                f"input.fast_path: native, but the {MODULE} module is not installed or was "
+                "built for another version of auto-trace (build it with `pip install ./native`, "
+                "which needs a Rust toolchain, or choose auto or python)"
             )
     return "python", JsonFastPath(max_bytes=max_bytes, skew_ms=skew_ms)
 

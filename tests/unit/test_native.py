@@ -7,8 +7,9 @@ tests/unit/test_fastpath.py, which runs every property against both fast paths.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -71,6 +72,31 @@ def test_native_without_the_module_fails_at_start_up_naming_the_setting(
 ) -> None:
     _without_native(monkeypatch)
     with pytest.raises(ConfigError, match=r"input\.fast_path: native.*not installed"):
+        native.choose_fast_path("native", max_bytes=1 << 20, skew_ms=0)
+
+
+class _OlderFastPath:
+    """A native module built before the delay topic lost a header: three names, not two."""
+
+    def __init__(self, *, header_names: tuple[str, ...], **_: object) -> None:
+        if len(header_names) != 3:
+            raise TypeError("expected a tuple of length 3")
+
+
+def test_a_native_module_of_another_version_is_left_out_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = importlib.import_module
+
+    def older(name: str, *args: Any) -> Any:
+        return SimpleNamespace(FastPath=_OlderFastPath) if name == native.MODULE else real(name)
+
+    monkeypatch.setattr(importlib, "import_module", older)
+    with caplog.at_level(logging.WARNING, logger="auto_trace.native"):
+        name, fast = native.choose_fast_path("auto", max_bytes=1 << 20, skew_ms=0)
+    assert name == "python" and isinstance(fast, JsonFastPath)
+    assert any("another version" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"input\.fast_path: native.*another version"):
         native.choose_fast_path("native", max_bytes=1 << 20, skew_ms=0)
 
 
