@@ -77,10 +77,9 @@ class Sampled:
         #: hundred-odd threads would make the benchmark's own sampling a load of its own.
         self._threads = threads
         self.samples: list[tuple[float, float]] = []
-        #: Per thread name (librdkafka names its threads rdk:main, rdk:broker1, ...).
-        self.thread_samples: list[tuple[float, dict[str, float]]] = []
-        #: The same times: per thread name, seconds spent runnable but waiting for a core.
-        self.wait_samples: list[dict[str, float]] = []
+        #: Time, then per thread name (librdkafka names its threads rdk:main, rdk:broker1, ...)
+        #: CPU seconds, and seconds spent runnable but waiting for a core.
+        self.thread_samples: list[tuple[float, dict[str, float], dict[str, float]]] = []
 
     @property
     def pid(self) -> int:
@@ -129,9 +128,7 @@ class Sampled:
             now = time.time()
             self.samples.append((now, cpu))
             if self._threads:
-                cpus, waits = self.thread_cpu()
-                self.thread_samples.append((now, cpus))
-                self.wait_samples.append(waits)
+                self.thread_samples.append((now, *self.thread_cpu()))
 
     def thread_shares(self, start_ms: int, end_ms: int) -> dict[str, float]:
         """Share of a core per thread name between the samples nearest the two times."""
@@ -144,17 +141,13 @@ class Sampled:
     def _shares(self, start_ms: int, end_ms: int, *, waits: bool) -> dict[str, float]:
         if len(self.thread_samples) < 2 or end_ms <= start_ms:
             return {}
-        times = [t for t, _ in self.thread_samples]
+        times = [sample[0] for sample in self.thread_samples]
         i = min(bisect.bisect_left(times, start_ms / 1000), len(times) - 2)
         j = max(bisect.bisect_left(times, end_ms / 1000), i + 1)
         j = min(j, len(times) - 1)
-        t0, t1 = times[i], times[j]
-        a, b = (
-            (self.wait_samples[i], self.wait_samples[j])
-            if waits
-            else (self.thread_samples[i][1], self.thread_samples[j][1])
-        )
-        span = max(0.001, t1 - t0)
+        first, last = self.thread_samples[i], self.thread_samples[j]
+        a, b = (first[2], last[2]) if waits else (first[1], last[1])
+        span = max(0.001, times[j] - times[i])
         shares = {name: (cpu - a.get(name, 0.0)) / span for name, cpu in b.items()}
         return {n: s for n, s in sorted(shares.items(), key=lambda x: -x[1]) if s >= 0.005}
 
