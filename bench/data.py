@@ -86,10 +86,7 @@ def trace_record(raw_json: bytes, window_ms: int = 0, due_ms: int | None = None)
     record = project(validated)
     close = epoch_ms(record["close_time"])
     due = close + window_ms if due_ms is None else due_ms
-    headers: h.Headers = [
-        (h.DUE_MS, str(due).encode()),
-        (h.TRADE_ID, record["trade_id"].encode()),
-    ]
+    headers: h.Headers = [(h.DUE_MS, str(due).encode())]
     return record_key(validated), encode_trace(record), headers
 
 

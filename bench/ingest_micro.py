@@ -154,7 +154,7 @@ def main() -> None:
     # call it: with the delay topic's headers and a callback, positionally when this process's
     # check allows it (consumer.clients.positional_produce), else with keywords.
     producer = Producer({"bootstrap.servers": "127.0.0.1:9", "log_level": 0, "linger.ms": 60_000})
-    headers = trace_headers(1_795_687_200_000, 0, b"B-0000000001")
+    headers = trace_headers(1_795_687_200_000, 0)
     values = [p[1] for p in outputs["pydantic"]]
     positional = positional_produce()
 

@@ -29,6 +29,7 @@ from consumer.broker import kafka_cluster
 from consumer.config import Settings, WebhookAdapterSettings, load_settings
 from consumer.delayed import now_ms
 from consumer.topics import delay_topic, planned_topics, retry_topics, sink_topic
+from consumer.tracecodec import trade_id_of
 
 PARTITIONS = 6
 CONCURRENCY = 16
@@ -364,7 +365,7 @@ _WARM_UP_IDS = 1_000_000_000
 
 
 def _warm_up(msg: Message) -> bool:
-    trade_id = h.get(msg.headers(), h.TRADE_ID) or ""
+    trade_id = trade_id_of(msg.value() or b"") or ""
     return trade_id.startswith("B-") and int(trade_id[2:]) >= _WARM_UP_IDS
 
 

@@ -73,6 +73,7 @@ from chaos.scan import Leak, Needles
 from consumer import headers as h
 from consumer.broker import BrokerError, LocalBroker
 from consumer.records import DECIMAL_FIELDS, idempotency_key
+from consumer.tracecodec import trade_id_of
 from consumer.trade import TRACE_FIELDS
 
 PREFIX = "chaos"
@@ -707,8 +708,9 @@ class ChaosRun:
                 blob += (
                     name.encode() + b"=" + (value if isinstance(value, bytes) else b"") + b"\x00"
                 )
-                if name == h.TRADE_ID and isinstance(value, bytes):
-                    self.topic_trade_ids[topic].add(value.decode("utf-8", "replace"))
+            trade_id = trade_id_of(msg.value() or b"")
+            if trade_id is not None:
+                self.topic_trade_ids[topic].add(trade_id)
 
         reader = TopicTail(self.broker.bootstrap_servers, names, self.logger)
         try:

@@ -596,7 +596,7 @@ class Observer:
         return events
 
     def _record(self, msg: Any) -> list[Event]:
-        from consumer import headers as h
+        from consumer.tracecodec import trade_id_of
 
         topic = msg.topic() or ""
         headers = msg.headers()
@@ -605,7 +605,7 @@ class Observer:
         self.records_checked += 1
         if self._contains_personal(msg.value() or b"", headers):
             self.records_with_personal += 1
-        trade = self._trades.get(h.get(headers, h.TRADE_ID) or "")
+        trade = self._trades.get(trade_id_of(msg.value() or b"") or "")
         if trade is None:
             return []
         at = int(msg.timestamp()[1])

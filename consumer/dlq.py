@@ -940,7 +940,7 @@ def replay_headers(
 ) -> h.Headers:
     """The dead letter's headers without the failure ones, plus where and when it was replayed.
 
-    Kept: the due and close times (the sink still never delivers early), the trade id, and the
+    Kept: the due time (the sink still never delivers early), the trade id, and the
     original position (``-origin-*``), so a record that fails again still says where it came
     from, and ``-replay-of`` links the new dead letter to this one.
     """

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # Set by ingest on every record of the delay topic; copied through release and retries.
-# close_time itself is in the record: ingest once wrote it in a third header,
-# auto-trace-close-ms, that no stage read and every produce() paid for. Records that still carry
-# it pass through unchanged.
+# Ingest once also wrote auto-trace-close-ms and auto-trace-trade-id on every record, which
+# every produce() paid for; both values are in the record. Records that still carry them pass
+# through unchanged.
 DUE_MS = "auto-trace-due-ms"  # close_time + window, epoch ms: never published before this
-TRADE_ID = "auto-trace-trade-id"
 
 # Set by the sink engine when a record goes to a retry tier or the DLQ.
+TRADE_ID = "auto-trace-trade-id"  # read from the record, so `auto-trace dlq` can filter on it
 ATTEMPTS = "auto-trace-attempts"  # failed delivery attempts so far
 RETRY_DUE_MS = "auto-trace-retry-due-ms"  # not retried before this, epoch ms
 FIRST_FAILURE_MS = "auto-trace-first-failure-ms"
@@ -119,9 +119,14 @@ def get_ints(headers: RawHeaders, *names: str) -> list[int | None]:
     return out
 
 
-def replace(headers: RawHeaders, updates: Iterable[tuple[str, str | int]]) -> Headers:
-    """A copy of ``headers`` with each update set once (old values of that name dropped)."""
-    new: Headers = [(k, str(v).encode("ascii", "replace")) for k, v in updates]
+def replace(headers: RawHeaders, updates: Iterable[tuple[str, str | int | bytes]]) -> Headers:
+    """A copy of ``headers`` with each update set once (old values of that name dropped).
+
+    Text and numbers are written as ASCII; bytes as they are (a trade id, in UTF-8).
+    """
+    new: Headers = [
+        (k, v if isinstance(v, bytes) else str(v).encode("ascii", "replace")) for k, v in updates
+    ]
     names = {k for k, _ in new}
     kept = [(k, v) for k, v in _items(headers) if k not in names]
     return kept + new

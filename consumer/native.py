@@ -52,7 +52,7 @@ def load_native(*, max_bytes: int, skew_ms: int, window_ms: int = 0) -> FastPath
             scale=DECIMAL_SCALE,
             currencies=set(ISO_4217_CODES),
             window_ms=window_ms,
-            header_names=(h.DUE_MS, h.TRADE_ID),
+            due_header=h.DUE_MS,
         )
     except TypeError as exc:
         log.warning(

@@ -47,7 +47,7 @@ from consumer.metrics import Metrics
 from consumer.policy import DeadLetter, Retry, next_step
 from consumer.records import idempotency_key
 from consumer.topics import dlq_topic, retry_topics, sink_group, sink_topic
-from consumer.tracecodec import transcode_trace
+from consumer.tracecodec import trade_id_of, transcode_trace
 
 log = get_logger("sink")
 
@@ -660,15 +660,16 @@ class SinkWorker:
         """Send a failed record to its next topic; return only once the broker has it."""
         headers = msg.headers()
         now = now_ms()
-        attempts, first_failure, o_topic, o_partition, o_offset, trade_id = h.get_many(
+        attempts, first_failure, o_topic, o_partition, o_offset = h.get_many(
             headers,
             h.ATTEMPTS,
             h.FIRST_FAILURE_MS,
             h.ORIGIN_TOPIC,
             h.ORIGIN_PARTITION,
             h.ORIGIN_OFFSET,
-            h.TRADE_ID,
         )
+        # From the record (records in flight carry no trade id header); None if undecodable.
+        trade_id = trade_id_of(msg.value() or b"")
         attempt = _int(attempts) + 1
         topic_in = msg.topic() or ""
         step = next_step(error, self.tier_of.get(topic_in), self.tiers, now)
@@ -679,7 +680,7 @@ class SinkWorker:
         else:
             origin = (topic_in, msg.partition() or 0, msg.offset() or 0)
         error_class = type(error).__name__
-        updates: list[tuple[str, str | int]] = [
+        updates: list[tuple[str, str | int | bytes]] = [
             (h.ATTEMPTS, attempt),
             (h.ADAPTER, self.cfg.name),
             (h.ERROR_CLASS, error_class),
@@ -691,6 +692,8 @@ class SinkWorker:
             (h.ORIGIN_OFFSET, origin[2]),
             (h.SOURCE_GROUP, self.group),
         ]
+        if trade_id is not None:
+            updates.append((h.TRADE_ID, trade_id.encode()))
         adapter = self.cfg.name
         self._m_failed.inc()
         if isinstance(step, Retry):

@@ -153,6 +153,21 @@ def decode_trace(data: bytes) -> dict[str, Any]:
     }
 
 
+def trade_id_of(data: bytes) -> str | None:
+    """The trade id of TraceRecord bytes (their second field), or None if they are not one.
+
+    Internal topics carry it only in the record (a header on every record cost ingest and
+    release a share of their CPU), so whatever wants it from a record reads it here: the sink
+    when it dead-letters one, the demo, the chaos run. Reads two strings, not the record.
+    """
+    r = _Reader(data)
+    try:
+        r.raw()
+        return r.string()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 class _Unusual(Exception):
     """A value the one-pass renderer leaves to the general path (a year outside 1000-9999)."""
 

@@ -17,6 +17,7 @@ from confluent_kafka.cimpl import NewTopic
 from consumer import headers as h
 from consumer.config import Settings, load_settings
 from consumer.topics import planned_topics
+from consumer.tracecodec import trade_id_of
 
 WEBHOOK_SECRET = (
     "whsec_" + "dGVzdC1zZWNyZXQtZm9yLWF1dG8tdHJhY2U="
@@ -184,3 +185,8 @@ def reader(bootstrap: str, topic: str) -> Iterator[TopicReader]:
 
 def header(msg: Message, name: str) -> str | None:
     return h.get(msg.headers(), name)
+
+
+def trade_id(msg: Message) -> str:
+    """The trade id inside a delay, sink or retry record ("" if its value is not a TraceRecord)."""
+    return trade_id_of(msg.value() or b"") or ""

@@ -32,7 +32,15 @@ from consumer.metrics import Metrics
 from consumer.records import decode_trace, render_decimal, to_json_bytes
 from consumer.samples import PERSONAL_FIELDS, sample_trade, to_avro, to_confluent, to_json
 from consumer.topics import delay_topic, ingest_dlq_topic
-from tests.support import create_topics, header, make_settings, produce, reader, running
+from tests.support import (
+    create_topics,
+    header,
+    make_settings,
+    produce,
+    reader,
+    running,
+    trade_id,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +79,7 @@ def test_json_avro_and_confluent_inputs_give_byte_identical_trace_records(
             reader(bootstrap_servers, delay_topic(settings)) as r,
         ):
             messages = r.read(len(trades))
-        outputs[fmt] = {header(m, h.TRADE_ID) or "": m.value() or b"" for m in messages}
+        outputs[fmt] = {trade_id(m): m.value() or b"" for m in messages}
     assert len(outputs["json"]) == len(trades)
     assert outputs["json"] == outputs["avro"] == outputs["avro-confluent"]
 
@@ -85,7 +93,7 @@ def test_delay_records_are_keyed_by_signal_and_carry_the_due_time(bootstrap_serv
         messages = r.read(len(trades))
     by_id = {t["trade_id"]: t for t in trades}
     for msg in messages:
-        trade = by_id[header(msg, h.TRADE_ID) or ""]
+        trade = by_id[trade_id(msg)]
         expected_key = trade["signal_id"] or trade["trade_id"]
         assert msg.key() == expected_key.encode()
         close_ms = int(decode_trace(msg.value() or b"")["close_time"].timestamp() * 1000)
@@ -93,7 +101,7 @@ def test_delay_records_are_keyed_by_signal_and_carry_the_due_time(bootstrap_serv
         assert close_ms == int(stated.timestamp() * 1000)
         assert int(header(msg, h.DUE_MS) or 0) == close_ms + 90_000
         # The due time and the trade id, nothing else: close_time is in the record.
-        assert [name for name, _ in msg.headers() or []] == [h.DUE_MS, h.TRADE_ID]
+        assert [name for name, _ in msg.headers() or []] == [h.DUE_MS]
 
 
 def test_decimals_survive_exactly(bootstrap_servers: str) -> None:
@@ -152,7 +160,7 @@ def test_poison_records_land_in_the_ingest_dlq_and_the_records_around_them_pass(
     ):
         dead = dlq.read(len(poison), timeout=60)
         passed = out.read(len(valid))
-    assert sorted(header(m, h.TRADE_ID) or "" for m in passed) == sorted(valid)
+    assert sorted(trade_id(m) for m in passed) == sorted(valid)
     by_name = {(m.key() or b"").decode(): m for m in dead}
     assert set(by_name) == set(poison)
     for name, msg in by_name.items():
@@ -177,7 +185,7 @@ def test_a_close_time_beyond_the_clock_skew_is_dead_lettered(bootstrap_servers: 
         reader(bootstrap_servers, delay_topic(settings)) as out,
         reader(bootstrap_servers, ingest_dlq_topic(settings)) as dlq,
     ):
-        assert header(out.read(1)[0], h.TRADE_ID) == ok["trade_id"]
+        assert trade_id(out.read(1)[0]) == ok["trade_id"]
         assert "close_time" in (header(dlq.read(1)[0], h.REASON) or "")
 
 
@@ -214,8 +222,8 @@ def test_no_personal_value_reaches_the_delay_topic(
     trade["notes_from_crm"] = extra  # an unknown field the contract does not have
     trade["nested"] = {"email": extra}
     produce(bootstrap_servers, settings.input.topic, [(None, json.dumps(trade).encode())])
-    msgs = out.read_until(lambda ms: any(header(m, h.TRADE_ID) == trade["trade_id"] for m in ms))
-    msg = next(m for m in msgs if header(m, h.TRADE_ID) == trade["trade_id"])
+    msgs = out.read_until(lambda ms: any(trade_id(m) == trade["trade_id"] for m in ms))
+    msg = next(m for m in msgs if trade_id(m) == trade["trade_id"])
     written = (
         (msg.value() or b"")
         + (msg.key() or b"")
@@ -265,7 +273,7 @@ def test_a_stage_killed_before_committing_reproduces_on_restart(
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
-    ids = [header(m, h.TRADE_ID) for m in out.messages]
+    ids = [trade_id(m) for m in out.messages]
     assert {t["trade_id"] for t in trades} == set(ids[first_run:])  # all of them again: none lost
 
 
@@ -316,6 +324,6 @@ def test_a_registry_outage_holds_the_partition_at_its_record_and_loses_or_repeat
         finally:
             group.close()
     assert decoder.failed
-    ids = sorted(header(m, h.TRADE_ID) or "" for m in out.messages)
+    ids = sorted(trade_id(m) for m in out.messages)
     assert ids == sorted(t["trade_id"] for t in trades)
     assert produced == len(trades)  # nothing produced twice

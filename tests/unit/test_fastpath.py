@@ -91,7 +91,7 @@ def check(raw: bytes, now: int = NOW_MS) -> Result | None:
                 assert with_headers == (
                     out[0],
                     out[1],
-                    trace_headers(out[2], WINDOW_MS, out[3]),
+                    trace_headers(out[2], WINDOW_MS),
                 ), name
         results.append(out)
     return None if None in results else results[0]
@@ -634,17 +634,16 @@ def test_ingest_output_is_the_same_with_and_without_the_fast_path() -> None:
     assert outputs[0] == outputs[1]
     delayed = [p for p in outputs[0] if p[0] == stage.delay_topic]
     assert 100 < len(delayed) < 300  # both kinds of outcome happened
-    value, key, close_ms, trade_id = FAST(raws[0] or b"", NOW_MS) or pytest.fail("declined")
+    value, key, close_ms, _ = FAST(raws[0] or b"", NOW_MS) or pytest.fail("declined")
     assert delayed[0] == (
         stage.delay_topic,
         value,
         key,
-        trace_headers(close_ms, WINDOW_MS, trade_id),
+        trace_headers(close_ms, WINDOW_MS),
     )
-    assert trace_headers(close_ms, WINDOW_MS, trade_id)[0] == (
-        "auto-trace-due-ms",
-        str(close_ms + WINDOW_MS).encode(),
-    )
+    assert trace_headers(close_ms, WINDOW_MS) == [
+        ("auto-trace-due-ms", str(close_ms + WINDOW_MS).encode())
+    ]
 
 
 def test_ingest_takes_the_native_headers_only_when_built_for_its_window() -> None:
@@ -654,8 +653,8 @@ def test_ingest_takes_the_native_headers_only_when_built_for_its_window() -> Non
     other = traced_path(_NATIVE, WINDOW_MS + 1)
     assert other is not None and other != _NATIVE.traced  # type: ignore[attr-defined]
     raw = raw_sample()
-    value, key, close_ms, trade_id = _NATIVE(raw, NOW_MS) or pytest.fail("declined")
-    assert other(raw, NOW_MS) == (value, key, trace_headers(close_ms, WINDOW_MS + 1, trade_id))
+    value, key, close_ms, _ = _NATIVE(raw, NOW_MS) or pytest.fail("declined")
+    assert other(raw, NOW_MS) == (value, key, trace_headers(close_ms, WINDOW_MS + 1))
     settings_ = load_settings(None, delay={"window": "7s"}, metrics={"port": 0})
     stage = IngestStage(settings_, Metrics(), Health())
     assert stage.fast_path_name == "native"
@@ -670,8 +669,8 @@ def test_the_native_header_digits_are_pythons(window_ms: int) -> None:
     if native is None:
         pytest.skip("the native module is not installed (tests/unit/test_native.py says so)")
     raw = raw_sample()
-    value, key, close_ms, trade_id = native(raw, NOW_MS) or pytest.fail("declined")
-    expected = (value, key, trace_headers(close_ms, window_ms, trade_id))
+    value, key, close_ms, _ = native(raw, NOW_MS) or pytest.fail("declined")
+    expected = (value, key, trace_headers(close_ms, window_ms))
     assert native.traced(raw, NOW_MS) == expected  # type: ignore[attr-defined]
 
 

@@ -149,6 +149,18 @@ def test_renders_any_number_of_distinct_keys() -> None:
     assert len(records._KEY_TEXT) <= records._KEY_TEXT_MAX
 
 
+@settings(max_examples=200, deadline=None)
+@given(trace_records)
+def test_trade_id_of_reads_the_records_trade_id(record: dict[str, Any]) -> None:
+    assert tracecodec.trade_id_of(encode_trace(record)) == record["trade_id"]
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x01", b"\x02A", b"\x00\x06T-", b"\x00\x02\xff"])
+def test_trade_id_of_a_truncated_or_corrupt_record_is_none(blob: bytes) -> None:
+    # Never an exception: the sink asks it of whatever failed, undecodable records included.
+    assert tracecodec.trade_id_of(blob) is None
+
+
 @settings(max_examples=150, deadline=None)
 @given(trace_records, st.data())
 def test_truncated_records_are_refused(record: dict[str, Any], data: st.DataObject) -> None:
