@@ -824,7 +824,10 @@ impl FastPath {
             let (due, due_start) = ascii_int(close_ms.saturating_add(self.window_ms));
             let headers = PyList::new(
                 py,
-                [(self.due_header.bind(py), PyBytes::new(py, &due[due_start..]))],
+                [(
+                    self.due_header.bind(py),
+                    PyBytes::new(py, &due[due_start..]),
+                )],
             )?;
             Ok(Some((
                 PyBytes::new(py, value),
