@@ -668,8 +668,9 @@ class SinkWorker:
             h.ORIGIN_PARTITION,
             h.ORIGIN_OFFSET,
         )
-        # From the record (records in flight carry no trade id header); None if undecodable.
-        trade_id = trade_id_of(msg.value() or b"")
+        # From the record: records in flight carry no trade id header. None for a record that
+        # is not a TraceRecord, whose bytes are not read for one.
+        trade_id = None if isinstance(error, UndecodableRecord) else trade_id_of(msg.value() or b"")
         attempt = _int(attempts) + 1
         topic_in = msg.topic() or ""
         step = next_step(error, self.tier_of.get(topic_in), self.tiers, now)

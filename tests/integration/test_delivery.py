@@ -29,11 +29,12 @@ from consumer.health import Health
 from consumer.ingest import IngestStage
 from consumer.metrics import Metrics
 from consumer.receiver import Received, Reply, WebhookReceiver, always, fail_first
-from consumer.records import decode_trace
+from consumer.records import decode_trace, encode_trace
 from consumer.release import ReleaseStage
 from consumer.samples import PERSONAL_FIELDS, sample_trade, to_json
 from consumer.sink import SinkWorker
 from consumer.topics import delay_topic, dlq_topic, ingest_dlq_topic, retry_topics, sink_topic
+from consumer.trade import project, validate_trade
 from tests.support import (
     OTHER_SECRET,
     WEBHOOK_SECRET,
@@ -232,6 +233,31 @@ def test_a_fatal_failure_goes_straight_to_the_dlq(bootstrap_servers: str) -> Non
     assert header(dead, h.ATTEMPTS) == "1"
     assert header(dead, h.ERROR_CLASS) == "FatalDeliveryError"
     assert retried == [0] * len(retried)
+
+
+def test_a_sink_record_that_is_no_trace_record_is_dead_lettered_and_the_next_is_delivered(
+    bootstrap_servers: str,
+) -> None:
+    # Only auto-trace writes the sink topic, but a hand-made record there must neither stall
+    # its partition nor be lost; it carries no trade id to give the dead letter.
+    trade = _trades(1, seed=47)[0]
+    good = encode_trace(project(validate_trade(trade)))
+    # Two strings first ("x", "abc"), then a union branch that cannot be: no TraceRecord.
+    garbage = b"\x02x\x06abc\xff\xfe not a TraceRecord"
+    with WebhookReceiver(WEBHOOK_SECRET) as receiver:
+        settings = make_settings(bootstrap_servers, adapters=[webhook("hook", receiver.url)])
+        create_topics(settings)
+        # One key, so one partition: the good record waits behind the bad one.
+        produce(bootstrap_servers, sink_topic(settings, "hook"), [(b"k", garbage), (b"k", good)])
+        worker = SinkWorker(settings, settings.adapters[0], Metrics(), Health())
+        with running(worker), reader(bootstrap_servers, dlq_topic(settings)) as dlq:
+            dead = dlq.read(1, timeout=30)[0]
+            assert receiver.wait_for(lambda rs: len(_ids(list(rs))) == 1, timeout=30)
+    assert _ids(receiver.received) == {trade["trade_id"]}
+    assert dead.value() == garbage and dead.key() == b"k"
+    assert header(dead, h.ERROR_CLASS) == "UndecodableRecord"
+    assert header(dead, h.ATTEMPTS) == "1"
+    assert header(dead, h.TRADE_ID) is None
 
 
 class _HangsOnFirstAttempt(Adapter):
