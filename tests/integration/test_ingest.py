@@ -100,7 +100,7 @@ def test_delay_records_are_keyed_by_signal_and_carry_the_due_time(bootstrap_serv
         stated = datetime.fromisoformat(trade["close_time"].replace("Z", "+00:00"))
         assert close_ms == int(stated.timestamp() * 1000)
         assert int(header(msg, h.DUE_MS) or 0) == close_ms + 90_000
-        # The due time and the trade id, nothing else: close_time is in the record.
+        # The due time, nothing else: the close time and the trade id are in the record.
         assert [name for name, _ in msg.headers() or []] == [h.DUE_MS]
 
 
